@@ -1,0 +1,3 @@
+from mcp_guard.cli import main
+
+raise SystemExit(main())

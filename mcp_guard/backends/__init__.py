@@ -1,0 +1,1 @@
+"""Database backends behind one interface; see `base.Backend`."""

@@ -1,0 +1,104 @@
+"""What every database backend offers the guard: run statements with the least power that works.
+
+A backend never sees a policy or an identity. It receives statements that the guard has already
+classified and decided, one source text per statement, and runs each one alone (never a
+multi-statement string in one protocol message).
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from mcp_guard.values import JsonScalar, JsonValue
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds on one call; reported to the assistant when they bite."""
+
+    row_limit: int = 500
+    byte_limit: int = 1_000_000
+    timeout_s: float = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Column:
+    name: str
+    type: str
+
+
+@dataclass(frozen=True, slots=True)
+class ResultSet:
+    """Rows of one statement, already JSON-safe."""
+
+    columns: tuple[Column, ...]
+    rows: list[list[JsonValue]]
+    truncated: bool = False
+    truncated_by: Literal["rows", "bytes"] | None = None
+
+    @property
+    def row_count(self) -> int:
+        return len(self.rows)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteResult:
+    """Outcome of one statement of a write call."""
+
+    status: str
+    rows_affected: int | None
+    returned: ResultSet | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TableInfo:
+    schema: str | None
+    name: str
+    kind: Literal["table", "view"]
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}" if self.schema else self.name
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnInfo:
+    name: str
+    type: str
+    nullable: bool
+    primary_key: bool
+
+
+class Backend(ABC):
+    """One configured database connection."""
+
+    dialect: str
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connect (or create the pool); raises BackendError with a redacted message."""
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    @abstractmethod
+    async def read(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[ResultSet]:
+        """Run read statements in one read-only transaction, each alone; params go to a single one."""
+
+    @abstractmethod
+    async def write(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[WriteResult]:
+        """Run statements in one read-write transaction: all or nothing."""
+
+    @abstractmethod
+    async def list_tables(self) -> list[TableInfo]: ...
+
+    @abstractmethod
+    async def describe_table(self, table: str) -> list[ColumnInfo]:
+        """Columns of `table` (optionally schema-qualified); UsageError when it does not exist."""

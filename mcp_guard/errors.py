@@ -1,0 +1,52 @@
+"""The one exception tree of mcp-guard.
+
+    GuardError                  base: every error mcp-guard raises on purpose
+     ├── ConfigError            the configuration file or a value in it is wrong (exit 2)
+     ├── UsageError             a tool or command argument is wrong (unknown connection, bad params)
+     ├── PolicyDenied           the policy refused the call; names the rule and the reason
+     ├── BackendError           the database refused or failed; credentials already redacted
+     │    └── StatementTimeout  the statement ran past its timeout and was cancelled
+     └── AuditError             the audit store could not record: the call is refused
+
+Messages are written for the person (or model) who must act on them.
+"""
+
+from __future__ import annotations
+
+
+class GuardError(Exception):
+    """Base of every error mcp-guard raises on purpose."""
+
+
+class ConfigError(GuardError):
+    """A configuration file, or one key in it, is wrong."""
+
+    def __init__(self, message: str, *, file: str | None = None, key: str | None = None) -> None:
+        self.file = file
+        self.key = key
+        where = ": ".join(part for part in (file, key) if part)
+        super().__init__(f"{where}: {message}" if where else message)
+
+
+class UsageError(GuardError):
+    """A tool argument or command-line argument is wrong."""
+
+
+class PolicyDenied(GuardError):
+    """The policy refused the call."""
+
+    def __init__(self, message: str, *, rule: str) -> None:
+        self.rule = rule
+        super().__init__(message)
+
+
+class BackendError(GuardError):
+    """The database refused or failed the statement; the text is safe to show."""
+
+
+class StatementTimeout(BackendError):
+    """The statement ran past its timeout and was cancelled."""
+
+
+class AuditError(GuardError):
+    """The audit store could not record; no record, no access."""

@@ -1,0 +1,1 @@
+"""The audit store behind one interface; see `base.Store`."""
