@@ -1,0 +1,318 @@
+"""The command line. Thin: parse, call the domain, print; domain errors become one line and an exit code.
+
+Exit codes: 0 success; 1 a check failed (denied, verification failed); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from mcp_guard.classify import StatementKind, classify
+from mcp_guard.config import Config, config_path_from_env, demo_config, load_config
+from mcp_guard.errors import ConfigError, GuardError, UsageError
+from mcp_guard.policy import decide
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def _config(args: argparse.Namespace) -> Config:
+    path = config_path_from_env(getattr(args, "config", None))
+    return load_config(path) if path else demo_config()
+
+
+def _dialect(config: Config, connection: str) -> str:
+    return "sqlite" if config.urls[connection].startswith("sqlite:") else "postgres"
+
+
+def _pick_connection(config: Config, name: str | None) -> str:
+    names = list(config.settings.connections)
+    if name is None:
+        if len(names) == 1:
+            return names[0]
+        raise UsageError(f"name a connection with --connection: one of {', '.join(names)}")
+    if name not in names:
+        raise UsageError(f"no connection named {name!r}; known: {', '.join(names)}")
+    return name
+
+
+# serve ------------------------------------------------------------------------------------------
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from mcp_guard.guard import Guard
+    from mcp_guard.identity import local_identity
+    from mcp_guard.server import serve_stdio
+
+    config = _config(args)
+    identity = local_identity(config.settings.identity.groups)
+
+    async def run() -> None:
+        guard = await Guard.start(config)
+        try:
+            await serve_stdio(guard, identity)
+        finally:
+            await guard.close()
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+# check ------------------------------------------------------------------------------------------
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    config = _config(args)
+    connection = _pick_connection(config, args.connection)
+    sql = sys.stdin.read() if args.sql == "-" else args.sql
+    classification = classify(sql, _dialect(config, connection))
+    if not classification.statements:
+        raise UsageError("the SQL holds no statement")
+    all_reads = all(s.kind is StatementKind.READ for s in classification.statements)
+    tool = args.tool or ("query" if all_reads else "execute")
+    groups = frozenset(args.group or config.settings.identity.groups)
+    decision = decide(config.settings.policy, classification, tool=tool, connection=connection, groups=groups)
+    if tool == "query" and not all_reads:
+        from mcp_guard.guard import QUERY_READS_ONLY
+        from mcp_guard.policy import Decision
+
+        decision = Decision("deny", QUERY_READS_ONLY, "query runs reads only")
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "connection": connection,
+                    "tool": tool,
+                    "classification": classification.as_dict(),
+                    "decision": {
+                        "action": decision.action,
+                        "rule": decision.rule,
+                        "reason": decision.reason,
+                        "statement_index": decision.statement_index,
+                    },
+                },
+                indent=2,
+            )
+        )
+    else:
+        console = Console()
+        table = Table(title=f"{connection} ({classification.dialect})", title_justify="left")
+        for column in ("#", "kind", "operation", "tables", "flags", "statement"):
+            table.add_column(column, overflow="fold")
+        for index, statement in enumerate(classification.statements, 1):
+            table.add_row(
+                str(index),
+                statement.kind,
+                statement.operation,
+                ", ".join(statement.tables),
+                ", ".join(sorted(statement.flags)),
+                escape(statement.text[:200]),
+            )
+        console.print(table)
+        colour = "green" if decision.allowed else "red"
+        console.print(
+            f"[{colour}]{tool}: {decision.action}[/] by rule [bold]{escape(decision.rule)}[/]: "
+            f"{escape(decision.reason)}"
+        )
+    return EXIT_OK if decision.allowed else EXIT_FAILED
+
+
+# audit ------------------------------------------------------------------------------------------
+
+
+def _store_for(args: argparse.Namespace) -> Any:
+    from mcp_guard.store import open_store
+
+    if args.store:
+        return open_store(args.store)
+    return open_store(_config(args).audit_url)
+
+
+async def _calls(args: argparse.Namespace) -> list[dict[str, Any]]:
+    from mcp_guard.store.base import AuditFilter
+
+    store = _store_for(args)
+    await store.open()
+    try:
+        records = await store.query(
+            AuditFilter(
+                session_id=args.session,
+                identity=args.identity,
+                tool=args.tool,
+                since=args.since,
+                until=args.until,
+            )
+        )
+    finally:
+        await store.close()
+    calls: dict[str, dict[str, Any]] = {}
+    for record in records:
+        event = record.event
+        if event.call_id is None:
+            continue
+        call = calls.setdefault(event.call_id, {"call_id": event.call_id, "request": None, "outcome": None})
+        call["request" if event.type == "request" else "outcome"] = {"seq": record.seq, **event.as_dict()}
+    rows = [c for c in calls.values() if c["request"] is not None]
+    if args.decision:
+        rows = [c for c in rows if (c["outcome"] or {}).get("decision") == args.decision]
+    return rows[-args.limit :] if args.limit else rows
+
+
+def cmd_audit_list(args: argparse.Namespace) -> int:
+    calls = asyncio.run(_calls(args))
+    if args.json:
+        print(json.dumps(calls, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    table = Table(title=f"{len(calls)} call(s)", title_justify="left")
+    for column in (
+        "seq",
+        "time (UTC)",
+        "identity",
+        "tool",
+        "conn",
+        "decision",
+        "rule",
+        "status",
+        "sql / reason",
+    ):
+        table.add_column(column, overflow="fold")
+    for call in calls:
+        request, outcome = call["request"], call["outcome"] or {}
+        detail = outcome.get("detail", {})
+        arguments = request["detail"].get("arguments", {})
+        what = str(arguments.get("sql") or arguments.get("table") or "")
+        if arguments.get("reason"):
+            what += f"\n[dim]reason: {escape(str(arguments['reason']))}[/]"
+        decision = outcome.get("decision") or ""
+        colour = {"allow": "green", "deny": "red"}.get(decision, "yellow")
+        table.add_row(
+            str(request["seq"]),
+            request["ts"][:19].replace("T", " "),
+            request["identity"],
+            request["tool"],
+            request.get("connection") or "",
+            f"[{colour}]{decision}[/]",
+            escape(str(detail.get("decision", {}).get("rule", ""))),
+            str(detail.get("status", "[yellow]no outcome recorded[/]")),
+            what if "[dim]" in what else escape(what),
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def cmd_audit_verify(args: argparse.Namespace) -> int:
+    async def run() -> Any:
+        store = _store_for(args)
+        await store.open()
+        try:
+            return await store.verify()
+        finally:
+            await store.close()
+
+    report = asyncio.run(run())
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "ok": report.ok,
+                    "entries": report.entries,
+                    "head_hash": report.head_hash,
+                    "first_bad_seq": report.first_bad_seq,
+                    "problem": report.problem,
+                },
+                indent=2,
+            )
+        )
+    elif report.ok:
+        print(f"audit chain intact: {report.entries} entries, head {report.head_hash}")
+    else:
+        print(f"audit chain BROKEN: {report.problem}")
+    return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# demo -------------------------------------------------------------------------------------------
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from mcp_guard.demo.walkthrough import run_walkthrough
+
+    return asyncio.run(run_walkthrough(Console()))
+
+
+# parser -----------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mcp-guard", description="A guarded MCP gateway to your databases.")
+    parser.add_argument(
+        "--version", action="version", version=f"mcp-guard {__import__('mcp_guard').__version__}"
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def with_config(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG, else the demo)")
+        return p
+
+    serve = with_config(commands.add_parser("serve", help="serve the MCP tools (stdio)"))
+    serve.add_argument("--transport", choices=["stdio"], default="stdio")
+    serve.set_defaults(handler=cmd_serve)
+
+    demo = commands.add_parser("demo", help="play a short guarded session against the built-in demo")
+    demo.set_defaults(handler=cmd_demo)
+
+    check = with_config(commands.add_parser("check", help="classify and decide SQL without running it"))
+    check.add_argument("sql", help="the SQL, or - to read it from standard input")
+    check.add_argument("--connection", help="connection name (optional with one connection)")
+    check.add_argument("--tool", choices=["query", "execute"], help="decide as this tool (default: by kind)")
+    check.add_argument("--group", action="append", help="decide as a member of this group (repeatable)")
+    check.add_argument("--json", action="store_true", help="print JSON")
+    check.set_defaults(handler=cmd_check)
+
+    audit = commands.add_parser("audit", help="read and verify the audit log")
+    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+
+    def with_store(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument("--store", help="audit store URL (default: from the configuration)")
+        p.add_argument("--json", action="store_true", help="print JSON")
+        return p
+
+    listing = with_store(audit_commands.add_parser("list", help="list recorded calls"))
+    listing.add_argument("--session")
+    listing.add_argument("--identity")
+    listing.add_argument("--tool")
+    listing.add_argument("--decision", choices=["allow", "deny"])
+    listing.add_argument("--since", help="ISO time, e.g. 2026-11-26 or 2026-11-26T10:00")
+    listing.add_argument("--until", help="ISO time")
+    listing.add_argument("--limit", type=int, help="only the newest N calls")
+    listing.set_defaults(handler=cmd_audit_list)
+    verify = with_store(audit_commands.add_parser("verify", help="check the hash chain"))
+    verify.set_defaults(handler=cmd_audit_verify)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(
+        level=logging.WARNING, stream=sys.stderr, format="mcp-guard: %(levelname)s %(message)s"
+    )
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except (ConfigError, UsageError) as error:
+        print(f"mcp-guard: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except GuardError as error:
+        print(f"mcp-guard: {error}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return EXIT_FAILED

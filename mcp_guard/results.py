@@ -1,0 +1,109 @@
+"""What the assistant is shown: a compact text table for the model to read, the same data as structure.
+
+The guard records exactly this in the audit, so what an auditor replays is what the model saw.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from mcp_guard.backends.base import Limits, ResultSet, WriteResult
+from mcp_guard.values import JsonValue
+
+_CELL_WIDTH = 80
+
+
+@dataclass(frozen=True, slots=True)
+class ToolResult:
+    text: str
+    structured: dict[str, JsonValue] | None = None
+    is_error: bool = False
+
+
+def error_result(message: str, call_id: str) -> ToolResult:
+    return ToolResult(text=f"{message}\n(call {call_id} was recorded in the audit log)", is_error=True)
+
+
+def _cell(value: JsonValue) -> str:
+    if value is None:
+        text = "NULL"
+    elif isinstance(value, str):
+        text = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    else:
+        text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
+
+
+def text_table(names: Sequence[str], rows: Sequence[Sequence[JsonValue]]) -> str:
+    cells = [[_cell(v) for v in row] for row in rows]
+    widths = [len(name) for name in names]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    lines = [" | ".join(name.ljust(w) for name, w in zip(names, widths, strict=True)).rstrip()]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines.extend(" | ".join(t.ljust(w) for t, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    return "\n".join(lines)
+
+
+def _footer(result: ResultSet, limits: Limits) -> str:
+    count = f"({result.row_count} row{'' if result.row_count == 1 else 's'}"
+    if result.truncated_by == "rows":
+        return f"{count}; truncated at the row limit of {limits.row_limit}: narrow the query for the rest)"
+    if result.truncated_by == "bytes":
+        return f"{count}; truncated at the result size limit of {limits.byte_limit} bytes)"
+    return count + ")"
+
+
+def result_set_data(result: ResultSet, limits: Limits) -> dict[str, JsonValue]:
+    return {
+        "columns": [{"name": c.name, "type": c.type} for c in result.columns],
+        "rows": result.rows,
+        "row_count": result.row_count,
+        "truncated": result.truncated,
+        "truncated_by": result.truncated_by,
+        "row_limit": limits.row_limit,
+    }
+
+
+def query_result(call_id: str, connection: str, results: Sequence[ResultSet], limits: Limits) -> ToolResult:
+    """The last statement's rows at the top level; every statement's under `results` when several ran."""
+    blocks = []
+    for index, result in enumerate(results):
+        head = f"-- statement {index + 1} of {len(results)}\n" if len(results) > 1 else ""
+        table = (
+            text_table([c.name for c in result.columns], result.rows) if result.columns else "(no columns)"
+        )
+        blocks.append(f"{head}{table}\n{_footer(result, limits)}")
+    structured: dict[str, JsonValue] = {"call_id": call_id, "connection": connection}
+    structured.update(result_set_data(results[-1], limits))
+    if len(results) > 1:
+        structured["results"] = [result_set_data(r, limits) for r in results]
+    return ToolResult(text="\n\n".join(blocks), structured=structured)
+
+
+def execute_result(
+    call_id: str, connection: str, results: Sequence[WriteResult], limits: Limits
+) -> ToolResult:
+    affected = sum(r.rows_affected or 0 for r in results)
+    lines = [
+        f"{r.status}" + (f" ({r.rows_affected} rows)" if r.rows_affected is not None else "") for r in results
+    ]
+    text = "\n".join(lines) + f"\nCommitted: {len(results)} statement(s), {affected} row(s) affected."
+    statements: list[JsonValue] = []
+    for r in results:
+        entry: dict[str, JsonValue] = {"status": r.status, "rows_affected": r.rows_affected}
+        if r.returned is not None:
+            entry["returned"] = result_set_data(r.returned, limits)
+            text += "\n\n" + text_table([c.name for c in r.returned.columns], r.returned.rows)
+            text += "\n" + _footer(r.returned, limits)
+        statements.append(entry)
+    structured: dict[str, JsonValue] = {
+        "call_id": call_id,
+        "connection": connection,
+        "rows_affected": affected,
+        "statements": statements,
+    }
+    return ToolResult(text=text, structured=structured)
