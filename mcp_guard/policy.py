@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import Literal
 
-from mcp_guard.classify import Classification, Statement
+from mcp_guard.classify import Classification, Statement, StatementKind
 from mcp_guard.config import PolicyRule, PolicySettings
 
 Action = Literal["allow", "deny"]
@@ -48,9 +48,11 @@ def _matches(
     if rule.flags and not statement.flags.intersection(rule.flags):
         return False
     if rule.tables:
-        # A statement whose tables are unknown cannot be proven outside the rule's tables.
+        if statement.kind is StatementKind.UNKNOWN:
+            # Its tables cannot be known: it may touch the rule's tables, never provably only them.
+            return rule.action == "deny"
         names = statement.tables + tuple(t.rsplit(".", 1)[-1] for t in statement.tables if "." in t)
-        if names and not _any_glob(names, rule.tables):
+        if not _any_glob(names, rule.tables):
             return False
     return True
 
