@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 import sqlite3
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 from pathlib import Path
 
 FIRST = [
@@ -113,6 +114,7 @@ def luhn_complete(prefix: str, length: int, rng: random.Random) -> str:
 
 
 def shop_rows(seed: int = 7) -> dict[str, list[tuple[object, ...]]]:
+    """Typed rows (datetime, Decimal) per table; the same every time for one seed."""
     rng = random.Random(seed)
     start = datetime(2025, 1, 1, tzinfo=UTC)
     customers, orders, payments, keys = [], [], [], []
@@ -123,29 +125,30 @@ def shop_rows(seed: int = 7) -> dict[str, list[tuple[object, ...]]]:
         )
         phone = f"+1-202-555-{rng.randrange(100, 199):04d}"
         ssn = f"{rng.randrange(100, 665):03d}-{rng.randrange(10, 99):02d}-{rng.randrange(1000, 9999):04d}"
-        card = luhn_complete(rng.choice(["4", "51", "37"]), 16, rng)
+        prefix = rng.choice(["4", "51", "37"])
+        card = luhn_complete(prefix, 15 if prefix == "37" else 16, rng)
         note = rng.choice(NOTES).format(
             alt_email=f"{first.lower()}{cid}@personal.example.com",
             phone=f"+1-202-555-{rng.randrange(200, 299):04d}",
             card=luhn_complete("4", 16, rng),
         )
         created = start + timedelta(days=rng.randrange(300), minutes=rng.randrange(1440))
-        customers.append((cid, f"{first} {last}", email, phone, ssn, card, note, created.isoformat()))
+        customers.append((cid, f"{first} {last}", email, phone, ssn, card, note, created))
         keys.append(
             (
                 cid,
                 cid,
                 rng.choice(["ci", "laptop", "backup", "reporting"]),
                 "sk_live_" + "".join(rng.choice("0123456789abcdef") for _ in range(32)),
-                created.isoformat(),
+                created,
             )
         )
     for oid in range(1, 241):
         cid = rng.randrange(1, 61)
-        total = f"{rng.randrange(500, 50000) / 100:.2f}"
+        total = Decimal(rng.randrange(500, 50000)) / 100
         status = rng.choice(STATUSES)
         created = start + timedelta(days=rng.randrange(330), minutes=rng.randrange(1440))
-        orders.append((oid, cid, total, status, created.isoformat()))
+        orders.append((oid, cid, total, status, created))
         if status != "pending":
             payments.append(
                 (
@@ -153,10 +156,18 @@ def shop_rows(seed: int = 7) -> dict[str, list[tuple[object, ...]]]:
                     oid,
                     total,
                     rng.choice(METHODS),
-                    (created + timedelta(hours=rng.randrange(1, 48))).isoformat(),
+                    created + timedelta(hours=rng.randrange(1, 48)),
                 )
             )
     return {"customers": customers, "orders": orders, "payments": payments, "api_keys": keys}
+
+
+def _sqlite_value(value: object) -> object:
+    if isinstance(value, datetime):
+        return value.isoformat()
+    if isinstance(value, Decimal):
+        return str(value)
+    return value
 
 
 def create_demo_database(path: Path) -> None:
@@ -169,7 +180,9 @@ def create_demo_database(path: Path) -> None:
         db.executescript(SCHEMA)
         for table, rows in shop_rows().items():
             marks = ", ".join("?" * len(rows[0]))
-            db.executemany(f"INSERT INTO {table} VALUES ({marks})", rows)
+            db.executemany(
+                f"INSERT INTO {table} VALUES ({marks})", [tuple(map(_sqlite_value, r)) for r in rows]
+            )
         db.commit()
     finally:
         db.close()
