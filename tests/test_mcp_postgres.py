@@ -21,7 +21,8 @@ async def test_values_of_every_common_type_come_out_json_safe(tmp_path, pg_shop_
         DATE '2026-01-02' AS day, TIME '10:11:12' AS clock, INTERVAL '1 day 2 hours' AS span,
         'a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11'::uuid AS id, '\\xdeadbeef'::bytea AS raw,
         ARRAY[1, 2, 3] AS ints, ARRAY['a', NULL] AS texts, '{"k": [1, true, null]}'::jsonb AS doc,
-        '{"j": 1}'::json AS doc2, '10.0.0.1'::inet AS ip, NULL::text AS nothing, true AS yes, 1.5::float8 AS f"""
+        '{"j": 1}'::json AS doc2, '10.0.0.1'::inet AS ip, NULL::text AS nothing, true AS yes,
+        1.5::float8 AS f"""
     async with guard_client(pg_config(tmp_path), tmp_path, SHOP_PG_URL=pg_shop_url) as client:
         reply = await client.call("query", sql=sql)
     assert not reply.is_error, reply.text
@@ -71,7 +72,8 @@ async def test_writes_run_in_one_transaction_and_return_rows(tmp_path, pg_shop_u
         )
         failed = await client.call(
             "execute",
-            sql="UPDATE orders SET status = 'lost' WHERE id = 6; UPDATE orders SET total = 'abc' WHERE id = 6",
+            sql="UPDATE orders SET status = 'lost' WHERE id = 6;"
+            " UPDATE orders SET total = 'abc' WHERE id = 6",
             reason="atomicity",
         )
     assert not ok.is_error, ok.text
