@@ -115,8 +115,9 @@ async def bench_guard(url: str, n: int) -> None:
             raw_p50, _ = percentiles(await timed(raw, n))
             guard_p50, guard_p99 = percentiles(await timed(guarded, n))
             print(
-                f"guard.query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs | guarded p50 {guard_p50:8.1f} µs "
-                f"p99 {guard_p99:8.1f} µs | overhead {guard_p50 - raw_p50:8.1f} µs | ratio {guard_p50 / raw_p50:5.2f}x"
+                f"guard.query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs"
+                f" | guarded p50 {guard_p50:8.1f} µs p99 {guard_p99:8.1f} µs"
+                f" | overhead {guard_p50 - raw_p50:8.1f} µs | ratio {guard_p50 / raw_p50:5.2f}x"
             )
     finally:
         await pool.close()
@@ -155,8 +156,8 @@ async def bench_stdio(url: str, n: int) -> None:
                 raw_p50, _ = percentiles(await timed(raw, n))
                 mcp_p50, mcp_p99 = percentiles(await timed(call, n))
                 print(
-                    f"stdio query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs | through MCP p50 {mcp_p50:8.1f} µs "
-                    f"p99 {mcp_p99:8.1f} µs | ratio {mcp_p50 / raw_p50:5.2f}x"
+                    f"stdio query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs"
+                    f" | through MCP p50 {mcp_p50:8.1f} µs p99 {mcp_p99:8.1f} µs | ratio {mcp_p50 / raw_p50:5.2f}x"
                 )
     finally:
         await pool.close()
