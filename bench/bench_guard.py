@@ -157,7 +157,8 @@ async def bench_stdio(url: str, n: int) -> None:
                 mcp_p50, mcp_p99 = percentiles(await timed(call, n))
                 print(
                     f"stdio query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs"
-                    f" | through MCP p50 {mcp_p50:8.1f} µs p99 {mcp_p99:8.1f} µs | ratio {mcp_p50 / raw_p50:5.2f}x"
+                    f" | through MCP p50 {mcp_p50:8.1f} µs p99 {mcp_p99:8.1f} µs"
+                    f" | ratio {mcp_p50 / raw_p50:5.2f}x"
                 )
     finally:
         await pool.close()
