@@ -12,7 +12,9 @@ server hands in a `CallContext` and gets a `ToolResult` back, whatever happened.
 
 from __future__ import annotations
 
+import json
 import logging
+import math
 import time
 import uuid
 from collections.abc import Mapping, Sequence
@@ -38,6 +40,7 @@ QUERY_READS_ONLY = "builtin:query-reads-only"
 METADATA_RULE = "builtin:metadata"
 MAX_SQL_CHARS = 1_000_000
 MAX_PARAMS = 1_000
+MAX_RECORDED_ARGUMENTS = 2_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -59,6 +62,17 @@ class _Call:
     classification: Classification | None = None
     decision: Decision | None = None
     summary: dict[str, JsonValue] = field(default_factory=dict)
+
+
+def _recordable(value: object) -> JsonValue:
+    """Arguments as the audit can hold them: hostile values (NaN, huge blobs) become their repr."""
+    try:
+        encoded = json.dumps(value, allow_nan=False)
+    except (TypeError, ValueError):
+        return {"unrecordable": repr(value)[:MAX_RECORDED_ARGUMENTS]}
+    if len(encoded) > MAX_RECORDED_ARGUMENTS:
+        return {"truncated": encoded[:MAX_RECORDED_ARGUMENTS]}
+    return json.loads(encoded)  # type: ignore[no-any-return]
 
 
 def _dialect(url: str) -> str:
@@ -140,6 +154,35 @@ class Guard:
         args = {"connection": connection, "sql": sql, "reason": reason, "params": list(params or [])}
         return await self._run(ctx, "execute", args, self._execute)
 
+    async def record_rejected(self, ctx: CallContext, tool: str, arguments: object, message: str) -> None:
+        """A call refused before any tool ran (unknown tool, arguments off the schema) is recorded too."""
+        call_id = str(uuid.uuid4())
+        shown = arguments if isinstance(arguments, dict) else {"raw": repr(arguments)[:1000]}
+        base = {
+            "session_id": ctx.session_id,
+            "identity": ctx.identity.subject,
+            "call_id": call_id,
+            "tool": tool,
+        }
+        await self.store.append(
+            AuditEvent(
+                type=EventType.REQUEST, detail={"arguments": _recordable(shown), "client": ctx.client}, **base
+            )
+        )
+        await self.store.append(
+            AuditEvent(
+                type=EventType.OUTCOME,
+                detail={
+                    "status": "rejected",
+                    "response": {
+                        "text": message[: self.config.settings.audit.response_cap],
+                        "is_error": True,
+                    },
+                },
+                **base,
+            )
+        )
+
     # the pipeline -------------------------------------------------------------------------------
 
     async def _run(self, ctx: CallContext, tool: str, args: dict[str, Any], step: Any) -> ToolResult:
@@ -152,7 +195,11 @@ class Guard:
                 call_id=call.call_id,
                 tool=tool,
                 connection=call.connection,
-                detail={"arguments": args, "client": ctx.client, "groups": sorted(ctx.identity.groups)},
+                detail={
+                    "arguments": _recordable(args),
+                    "client": ctx.client,
+                    "groups": sorted(ctx.identity.groups),
+                },
             )
         )
         started = time.perf_counter()
@@ -274,7 +321,7 @@ class Guard:
         ]
         text = text_table(["connection", "dialect", "query", "execute", "description"], rows)
         call.decision = Decision("allow", METADATA_RULE, "metadata")
-        return ToolResult(text=text, structured={"connections": entries})
+        return ToolResult(call.call_id, text, {"connections": entries})
 
     async def _list_tables(self, ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
         name, _ = self._connection(args["connection"])
@@ -287,7 +334,7 @@ class Guard:
             "connection": name,
             "tables": [{"schema": t.schema, "name": t.name, "kind": t.kind} for t in tables],
         }
-        return ToolResult(text=text_table(["table", "kind"], rows), structured=structured)
+        return ToolResult(call.call_id, text_table(["table", "kind"], rows), structured)
 
     async def _describe_table(self, ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
         name, _ = self._connection(args["connection"])
@@ -310,7 +357,7 @@ class Guard:
             ],
         }
         return ToolResult(
-            text=text_table(["column", "type", "nullable", "primary key"], rows), structured=structured
+            call.call_id, text_table(["column", "type", "nullable", "primary key"], rows), structured
         )
 
     def _require_visible(self, ctx: CallContext, name: str) -> None:
@@ -326,6 +373,11 @@ class Guard:
             raise UsageError(f"sql is {len(sql)} characters; the limit is {MAX_SQL_CHARS}")
         if not isinstance(params, list) or len(params) > MAX_PARAMS:
             raise UsageError(f"params must be a list of at most {MAX_PARAMS} values")
+        for index, value in enumerate(params):
+            if not isinstance(value, str | int | float | bool | None) or (
+                isinstance(value, float) and not math.isfinite(value)
+            ):
+                raise UsageError(f"params[{index}] must be a string, a finite number, true/false or null")
         classification = classify(sql, _dialect(self.config.urls[name]))
         call.classification = classification
         if not classification.statements:

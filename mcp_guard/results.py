@@ -17,13 +17,14 @@ _CELL_WIDTH = 80
 
 @dataclass(frozen=True, slots=True)
 class ToolResult:
+    call_id: str
     text: str
     structured: dict[str, JsonValue] | None = None
     is_error: bool = False
 
 
 def error_result(message: str, call_id: str) -> ToolResult:
-    return ToolResult(text=f"{message}\n(call {call_id} was recorded in the audit log)", is_error=True)
+    return ToolResult(call_id, f"{message}\n(call {call_id} was recorded in the audit log)", is_error=True)
 
 
 def _cell(value: JsonValue) -> str:
@@ -81,7 +82,7 @@ def query_result(call_id: str, connection: str, results: Sequence[ResultSet], li
     structured.update(result_set_data(results[-1], limits))
     if len(results) > 1:
         structured["results"] = [result_set_data(r, limits) for r in results]
-    return ToolResult(text="\n\n".join(blocks), structured=structured)
+    return ToolResult(call_id, "\n\n".join(blocks), structured)
 
 
 def execute_result(
@@ -106,4 +107,4 @@ def execute_result(
         "rows_affected": affected,
         "statements": statements,
     }
-    return ToolResult(text=text, structured=structured)
+    return ToolResult(call_id, text, structured)

@@ -7,9 +7,11 @@ refusal is an error result the model reads; the server keeps serving.
 from __future__ import annotations
 
 import uuid
-from typing import Annotated
+from typing import Annotated, Any
 
+from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.session import ServerSession
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
@@ -36,11 +38,15 @@ ParamsArg = Annotated[
 ]
 
 
+CALL_META = "mcp-guard/call_id"
+
+
 def _to_mcp(result: ToolResult) -> CallToolResult:
     return CallToolResult(
         content=[TextContent(type="text", text=result.text)],
         structured_content=result.structured,
         is_error=result.is_error,
+        meta={CALL_META: result.call_id},
     )
 
 
@@ -53,9 +59,9 @@ class _Session:
         self.id = str(uuid.uuid4())
         self.context: CallContext | None = None
 
-    async def context_for(self, ctx: Context) -> CallContext:
+    async def context_for(self, session: ServerSession) -> CallContext:
         if self.context is None:
-            params = ctx.session.client_params
+            params = session.client_params
             info = params.client_info if params else None
             client = f"{info.name}/{info.version}" if info else None
             self.context = CallContext(identity=self.identity, session_id=self.id, client=client)
@@ -67,20 +73,52 @@ class _Session:
             await self.guard.end_session(self.context)
 
 
+def _text_of(result: CallToolResult) -> str:
+    return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
+
+
+def _rejections_recorder(guard: Guard, session: _Session) -> ServerMiddleware[Any]:
+    """Audit tool calls the SDK refuses before any tool runs (unknown tool, arguments off the schema)."""
+
+    async def record(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
+        result = await call_next(ctx)
+        if (
+            ctx.method == "tools/call"
+            and isinstance(result, CallToolResult)
+            and result.is_error
+            and CALL_META not in (result.meta or {})
+        ):
+            params = ctx.params if isinstance(ctx.params, dict) else {}
+            await guard.record_rejected(
+                await session.context_for(ctx.session),
+                tool=str(params.get("name", "?"))[:200],
+                arguments=params.get("arguments"),
+                message=_text_of(result),
+            )
+        return result
+
+    return record
+
+
 def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]:
-    server = MCPServer(name="mcp-guard", version=__version__, instructions=INSTRUCTIONS)
     session = _Session(guard, identity)
+    server = MCPServer(
+        name="mcp-guard",
+        version=__version__,
+        instructions=INSTRUCTIONS,
+        middleware=[_rejections_recorder(guard, session)],
+    )
     read_only = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=False)
 
     @server.tool(annotations=read_only)
     async def list_connections(ctx: Context) -> CallToolResult:
         """List the database connections you may use, their SQL dialect and what each tool may run."""
-        return _to_mcp(await guard.list_connections(await session.context_for(ctx)))
+        return _to_mcp(await guard.list_connections(await session.context_for(ctx.session)))
 
     @server.tool(annotations=read_only)
     async def list_tables(ctx: Context, connection: ConnectionArg = None) -> CallToolResult:
         """List the tables and views of a connection."""
-        return _to_mcp(await guard.list_tables(await session.context_for(ctx), connection))
+        return _to_mcp(await guard.list_tables(await session.context_for(ctx.session), connection))
 
     @server.tool(annotations=read_only)
     async def describe_table(
@@ -89,7 +127,7 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
         connection: ConnectionArg = None,
     ) -> CallToolResult:
         """Describe a table's columns: name, type, nullability, primary key."""
-        return _to_mcp(await guard.describe_table(await session.context_for(ctx), connection, table))
+        return _to_mcp(await guard.describe_table(await session.context_for(ctx.session), connection, table))
 
     @server.tool(annotations=read_only)
     async def query(
@@ -99,7 +137,7 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
         params: ParamsArg = None,
     ) -> CallToolResult:
         """Run read-only SQL. Returns a text table and structured rows; large results are truncated."""
-        return _to_mcp(await guard.query(await session.context_for(ctx), connection, sql, params))
+        return _to_mcp(await guard.query(await session.context_for(ctx.session), connection, sql, params))
 
     @server.tool(
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
@@ -114,7 +152,9 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
         params: ParamsArg = None,
     ) -> CallToolResult:
         """Run writes under policy in one transaction (all or nothing); reports rows affected."""
-        return _to_mcp(await guard.execute(await session.context_for(ctx), connection, sql, reason, params))
+        return _to_mcp(
+            await guard.execute(await session.context_for(ctx.session), connection, sql, reason, params)
+        )
 
     return server, session
 
