@@ -11,6 +11,7 @@ import json
 import logging
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -248,6 +249,22 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return asyncio.run(run_walkthrough(Console()))
 
 
+# install ----------------------------------------------------------------------------------------
+
+
+def cmd_install(args: argparse.Namespace) -> int:
+    from mcp_guard.install import install
+
+    config = Path(args.config) if args.config else None
+    if config is not None:
+        load_config(config)
+    path = install(args.client, name=args.name, config=config, target=Path(args.file) if args.file else None)
+    print(f"registered {args.name!r} in {path}")
+    if args.client == "claude-desktop":
+        print("restart Claude Desktop to load it")
+    return EXIT_OK
+
+
 # parser -----------------------------------------------------------------------------------------
 
 
@@ -276,6 +293,15 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--group", action="append", help="decide as a member of this group (repeatable)")
     check.add_argument("--json", action="store_true", help="print JSON")
     check.set_defaults(handler=cmd_check)
+
+    installer = commands.add_parser("install", help="register the server in Claude Desktop or Claude Code")
+    installer.add_argument("client", choices=["claude-desktop", "claude-code"])
+    installer.add_argument("--config", help="configuration file the server will use (default: the demo)")
+    installer.add_argument(
+        "--name", default="mcp-guard", help="server name in the client (default: mcp-guard)"
+    )
+    installer.add_argument("--file", help="client configuration file to edit (default: the client's own)")
+    installer.set_defaults(handler=cmd_install)
 
     audit = commands.add_parser("audit", help="read and verify the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
