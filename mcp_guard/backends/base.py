@@ -7,6 +7,7 @@ multi-statement string in one protocol message).
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -42,6 +43,38 @@ class ResultSet:
     @property
     def row_count(self) -> int:
         return len(self.rows)
+
+    @classmethod
+    def capped(cls, columns: tuple[Column, ...], rows: list[list[JsonValue]], limits: Limits) -> ResultSet:
+        """Apply both caps: `rows` holds up to row_limit + 1 rows (one more says the cap bit), then
+        the longest prefix whose JSON (UTF-8, compact) fits in byte_limit is kept."""
+        truncated_by: Literal["rows", "bytes"] | None = None
+        if len(rows) > limits.row_limit:
+            rows, truncated_by = rows[: limits.row_limit], "rows"
+        fitting = _rows_within(rows, limits.byte_limit)
+        if fitting < len(rows):
+            rows, truncated_by = rows[:fitting], "bytes"
+        return cls(columns, rows, truncated_by is not None, truncated_by)
+
+
+def json_size(value: object) -> int:
+    """Bytes of `value` as compact UTF-8 JSON: what the byte cap counts."""
+    return len(_COMPACT.encode(value).encode())
+
+
+def _rows_within(rows: list[list[JsonValue]], byte_limit: int) -> int:
+    """How many leading rows fit in `byte_limit` as one JSON array; one encode when all fit."""
+    if json_size(rows) <= byte_limit:
+        return len(rows)
+    total = 2  # the brackets
+    for index, row in enumerate(rows):
+        total += json_size(row) + (1 if index else 0)
+        if total > byte_limit:
+            return index
+    return len(rows)
+
+
+_COMPACT = json.JSONEncoder(ensure_ascii=False, separators=(",", ":"))
 
 
 @dataclass(frozen=True, slots=True)

@@ -1,0 +1,469 @@
+"""PostgreSQL through an asyncpg pool, with the least power that works.
+
+Reads run in one `BEGIN READ ONLY` transaction that is rolled back at the end; writes in one
+transaction, all or nothing. Each statement goes alone through the extended protocol, which
+refuses a second statement in one message. A connection is reset fully before it goes back to the
+pool. Every driver, network and timeout error leaves through `_translate`, credentials redacted.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import re
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from decimal import Decimal
+from typing import Any, cast
+from urllib.parse import unquote, urlsplit
+
+import asyncpg
+
+from mcp_guard.backends.base import Backend, Column, ColumnInfo, Limits, ResultSet, TableInfo, WriteResult
+from mcp_guard.errors import BackendError, StatementTimeout, UsageError
+from mcp_guard.redact import redact
+from mcp_guard.values import JsonScalar, to_json_value
+
+log = logging.getLogger(__name__)
+
+_CONNECT_TIMEOUT_S = 10.0
+_BACKSTOP_S = 1.0
+"""Client-side grace after the server's statement_timeout; then asyncpg cancels the query itself."""
+
+_DRIVER_ERRORS: tuple[type[BaseException], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+    OSError,  # TimeoutError included
+)
+_STALE_PLAN = (asyncpg.InvalidCachedStatementError, asyncpg.OutdatedSchemaCacheError)
+
+# asyncpg's own reset (advisory locks, CLOSE ALL, UNLISTEN *, RESET ALL) leaves SET ROLE and
+# SET SESSION AUTHORIZATION (RESET ALL keeps both), temp tables, sequence state and SQL-level
+# PREPAREd statements behind. DEALLOCATE ALL would also drop asyncpg's cached statements, hence the loop.
+_RESET_SQL = """
+SET SESSION AUTHORIZATION DEFAULT;
+RESET ALL;
+SELECT pg_catalog.pg_advisory_unlock_all();
+CLOSE ALL;
+UNLISTEN *;
+DISCARD TEMP;
+DISCARD SEQUENCES;
+DO $reset$ DECLARE name text; BEGIN
+  FOR name IN SELECT s.name FROM pg_catalog.pg_prepared_statements s WHERE s.from_sql LOOP
+    EXECUTE pg_catalog.format('DEALLOCATE %I', name);
+  END LOOP;
+END $reset$;
+"""
+
+_LIST_TABLES = r"""
+SELECT n.nspname, c.relname, c.relkind IN ('v', 'm')
+FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f') AND NOT c.relispartition
+  AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+  AND n.nspname NOT LIKE 'pg\_toast%' AND n.nspname NOT LIKE 'pg\_temp\_%'
+ORDER BY 1, 2
+"""
+
+_FIND_TABLE = """
+SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+WHERE c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND CASE WHEN $1::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid) ELSE n.nspname = $1 END
+"""
+
+_DESCRIBE_TABLE = """
+SELECT a.attname, pg_catalog.format_type(a.atttypid, a.atttypmod), NOT a.attnotnull,
+       coalesce(a.attnum = ANY (i.indkey), false)
+FROM pg_catalog.pg_attribute a
+LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
+WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
+ORDER BY a.attnum
+"""
+
+_COUNTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT"})
+
+
+class _GuardedConnection(asyncpg.Connection):  # type: ignore[misc]
+    """A pooled connection that resets fully on release and reads with a row cap in one round trip.
+
+    asyncpg's public API offers a capped fetch (a cursor: two or three round trips) or result
+    types (`prepare()`: one more, uncached, round trip), not both at once; `fetch_capped` uses the
+    internals that `fetchrow()` itself uses, so a repeated read costs one round trip.
+    """
+
+    _reset_done = False
+
+    def get_reset_query(self) -> str:
+        """asyncpg's documented hook, run when the connection goes back to the pool."""
+        if self._reset_done:
+            self._reset_done = False
+            return ""
+        return _RESET_SQL
+
+    async def end_read(self, timeout: float) -> None:
+        """Roll the read back and reset the session in one round trip (the release then skips it)."""
+        await self.execute("ROLLBACK;" + _RESET_SQL, timeout=timeout)
+        self._reset_done = True
+
+    async def fetch_capped(
+        self, sql: str, params: Sequence[JsonScalar], limit: int, timeout: float
+    ) -> tuple[tuple[Column, ...], list[asyncpg.Record]]:
+        """At most `limit` rows of `sql` through the unnamed portal, with a cached prepared statement."""
+
+        def bind_execute(state: Any, budget: float | None) -> Any:
+            args = _coerce_params(state._get_parameters(), params)
+            return self._protocol.bind_execute(state, args, "", limit, False, budget)
+
+        with self._stmt_exclusive_section:
+            records, state = await self._do_execute(sql, bind_execute, timeout)
+        return _columns(state._get_attributes()), records
+
+
+class PostgresBackend(Backend):
+    """One PostgreSQL database behind a pool of `pool_size` connections."""
+
+    dialect = "postgres"
+
+    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+        parts = urlsplit(url)
+        self._url = url
+        self._pool_size = pool_size
+        self._secrets = tuple(secret for secret in (parts.password, unquote(parts.password or "")) if secret)
+        self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
+        self._pool: asyncpg.Pool | None = None
+
+    async def open(self) -> None:
+        where = f"cannot connect to PostgreSQL at {self._where}"
+        with self._errors(_CONNECT_TIMEOUT_S, where):
+            try:
+                self._pool = await asyncpg.create_pool(
+                    self._url,
+                    min_size=1,
+                    max_size=self._pool_size,
+                    connection_class=_GuardedConnection,
+                    init=_install_codecs,
+                    timeout=_CONNECT_TIMEOUT_S,
+                    server_settings={"application_name": "mcp-guard"},
+                )
+            except TimeoutError as error:
+                raise BackendError(f"{where}: no answer within {_CONNECT_TIMEOUT_S:g} s") from error
+
+    async def close(self) -> None:
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            await pool.close()
+
+    async def read(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[ResultSet]:
+        _check_params(statements, params)
+        try:
+            return await self._read(statements, params, limits)
+        except BackendError as error:
+            if not isinstance(error.__cause__, _STALE_PLAN):
+                raise
+        # A table changed shape since asyncpg cached the plan; asyncpg has dropped it: once more.
+        return await self._read(statements, params, limits)
+
+    async def _read(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[ResultSet]:
+        backstop = limits.timeout_s + _BACKSTOP_S
+        results: list[ResultSet] = []
+        async with self._connection(limits) as conn:
+            with self._errors(limits.timeout_s):
+                # The trailing SELECT takes the snapshot: after it, SET TRANSACTION READ WRITE is refused.
+                await conn.execute(f"BEGIN READ ONLY; {_timeout_sql(limits)}; SELECT", timeout=backstop)
+            try:
+                for where, sql in _numbered(statements):
+                    with self._errors(limits.timeout_s, where):
+                        columns, records = await conn.fetch_capped(
+                            sql, params, limits.row_limit + 1, backstop
+                        )
+                    if not conn.is_in_transaction():
+                        raise BackendError(
+                            f"{where or 'the statement'} ended the read-only transaction: refused"
+                        )
+                    rows = [[to_json_value(value) for value in record] for record in records]
+                    results.append(ResultSet.capped(columns, rows, limits))
+            except Exception:
+                await _abandon(conn)
+                raise
+            with suppress(*_DRIVER_ERRORS):  # if this fails, the release resets the connection (or drops it)
+                await conn.end_read(backstop)
+        return results
+
+    async def write(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[WriteResult]:
+        _check_params(statements, params)
+        backstop = limits.timeout_s + _BACKSTOP_S
+        results: list[WriteResult] = []
+        async with self._connection(limits) as conn:
+            with self._errors(limits.timeout_s):
+                await conn.execute(f"BEGIN; {_timeout_sql(limits)}", timeout=backstop)
+            try:
+                for where, sql in _numbered(statements):
+                    # Uncached prepare: a statement after DDL in the same transaction must see the new shape.
+                    with self._errors(
+                        limits.timeout_s, f"{where or 'statement'} failed, nothing was changed"
+                    ):
+                        prepared = await conn.prepare(sql, timeout=backstop)
+                        args = _coerce_params(prepared.get_parameters(), params)
+                        records = await prepared.fetch(*args, timeout=backstop)
+                    status = prepared.get_statusmsg()
+                    if not conn.is_in_transaction():
+                        raise BackendError(
+                            f"{where or 'the statement'} ended the transaction early ({status}); "
+                            "the statements after it did not run"
+                        )
+                    results.append(_write_result(status, prepared.get_attributes(), records, limits))
+                with self._errors(limits.timeout_s, "COMMIT failed, nothing was changed"):
+                    await conn.execute("COMMIT", timeout=backstop)
+            except Exception:
+                await _abandon(conn)
+                raise
+        return results
+
+    async def list_tables(self) -> list[TableInfo]:
+        limits = Limits()
+        async with self._connection(limits) as conn:
+            with self._errors(limits.timeout_s):
+                records = await conn.fetch(_LIST_TABLES, timeout=limits.timeout_s)
+        return [TableInfo(schema, name, "view" if is_view else "table") for schema, name, is_view in records]
+
+    async def describe_table(self, table: str) -> list[ColumnInfo]:
+        limits = Limits()
+        async with self._connection(limits) as conn:
+            with self._errors(limits.timeout_s):
+                for schema, name in _name_candidates(table):
+                    oid = await conn.fetchval(_FIND_TABLE, schema, name, timeout=limits.timeout_s)
+                    if oid is not None:
+                        records = await conn.fetch(_DESCRIBE_TABLE, oid, timeout=limits.timeout_s)
+                        return [ColumnInfo(*record) for record in records]
+        raise UsageError(
+            f"no table named {table!r} on this connection (list_tables shows the names, with their schema)"
+        )
+
+    @asynccontextmanager
+    async def _connection(self, limits: Limits) -> AsyncIterator[_GuardedConnection]:
+        if self._pool is None:
+            raise BackendError("the PostgreSQL connection is not open")
+        pool = self._pool
+        with self._errors(limits.timeout_s, f"cannot connect to PostgreSQL at {self._where}"):
+            try:
+                conn = await pool.acquire(timeout=limits.timeout_s)
+            except TimeoutError as error:
+                raise BackendError(
+                    f"all {self._pool_size} connections to PostgreSQL are busy; try again"
+                ) from error
+        try:
+            yield cast(_GuardedConnection, conn)
+        finally:
+            try:
+                await pool.release(conn)
+            except _DRIVER_ERRORS as error:  # asyncpg has closed it; the result stands
+                log.warning("dropped a connection whose reset failed: %s", self._redact(str(error)))
+
+    @contextmanager
+    def _errors(self, timeout_s: float, where: str = "") -> Iterator[None]:
+        try:
+            yield
+        except _DRIVER_ERRORS as error:
+            raise self._translate(error, timeout_s, where) from error
+
+    def _translate(self, error: BaseException, timeout_s: float, where: str) -> BackendError:
+        """The one mapping from asyncpg, OS and timeout errors to ours: short, actionable, redacted."""
+        prefix = f"{where}: " if where else ""
+        if isinstance(error, TimeoutError) or (
+            isinstance(error, asyncpg.QueryCanceledError) and "statement timeout" in error.message
+        ):
+            return StatementTimeout(f"{prefix}statement timed out after {timeout_s} s")
+        if isinstance(error, asyncpg.PostgresError):  # DETAIL dropped: it can quote row values
+            text = error.message + (f" (hint: {error.hint})" if error.hint else "")
+        elif isinstance(error, OSError) and error.strerror:
+            text = error.strerror
+        else:
+            text = str(error) or type(error).__name__
+        return BackendError(self._redact(prefix + text))
+
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+
+async def _install_codecs(conn: asyncpg.Connection) -> None:
+    """json and jsonb come out as Python values, not strings; a str parameter is JSON text."""
+    for name in ("json", "jsonb"):
+        await conn.set_type_codec(
+            name, schema="pg_catalog", encoder=_encode_json, decoder=json.loads, format="text"
+        )
+
+
+def _encode_json(value: object) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+async def _abandon(conn: _GuardedConnection) -> None:
+    """Roll back after a failure; if even that fails, the release drops the connection."""
+    if conn.is_in_transaction():
+        with suppress(*_DRIVER_ERRORS):
+            await conn.execute("ROLLBACK", timeout=_CONNECT_TIMEOUT_S)
+
+
+def _check_params(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
+    if not statements:
+        raise UsageError("no SQL statement to run")
+    if params and len(statements) != 1:
+        raise UsageError(f"params need exactly one statement; this call has {len(statements)}")
+
+
+def _numbered(statements: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """(where, sql): `where` names the statement in messages when there are several."""
+    count = len(statements)
+    for index, sql in enumerate(statements, 1):
+        yield (f"statement {index} of {count}" if count > 1 else ""), sql
+
+
+def _timeout_sql(limits: Limits) -> str:
+    return f"SET LOCAL statement_timeout = {max(1, round(limits.timeout_s * 1000))}"
+
+
+def _columns(attributes: Sequence[Any]) -> tuple[Column, ...]:
+    return tuple(Column(attribute.name, _type_name(attribute.type)) for attribute in attributes)
+
+
+def _type_name(pg_type: Any) -> str:
+    if pg_type.kind == "array" and pg_type.name.startswith("_"):
+        return f"{pg_type.name[1:]}[]"
+    return str(pg_type.name)
+
+
+def _write_result(
+    status: str, attributes: Sequence[Any], records: list[asyncpg.Record], limits: Limits
+) -> WriteResult:
+    command, _, count = status.rpartition(" ")
+    counted = count.isdigit() and command.split(" ", 1)[0] in _COUNTED_COMMANDS
+    returned = None
+    if attributes:
+        rows = [[to_json_value(value) for value in record] for record in records[: limits.row_limit + 1]]
+        returned = ResultSet.capped(_columns(attributes), rows, limits)
+    return WriteResult(status, int(count) if counted else None, returned)
+
+
+def _name_candidates(table: str) -> list[tuple[str | None, str]]:
+    """(schema, name) readings of `table`: `schema.table` as written, the whole text as one name,
+    then both folded to lower case as PostgreSQL folds unquoted names."""
+    text = table.replace('"', "")
+    schema, dot, name = text.partition(".")
+    readings: list[tuple[str | None, str]] = [(schema, name)] if dot else []
+    readings.append((None, text))
+    if '"' not in table:
+        readings += [(schema and schema.lower(), name.lower()) for schema, name in readings]
+    return list(dict.fromkeys(readings))
+
+
+# JSON has no dates, decimals or bytes: a str parameter is converted to what its placeholder needs.
+_ISO_DURATION = re.compile(
+    r"(?P<sign>-)?P(?:(?P<days>\d+)D)?(?:T(?:(?P<hours>\d+)H)?(?:(?P<minutes>\d+)M)?"
+    r"(?:(?P<seconds>\d+(?:\.\d+)?)S)?)?"
+)
+
+
+def _to_int(value: JsonScalar) -> int:
+    if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+        raise ValueError(value)
+    return int(value)  # type: ignore[arg-type]
+
+
+def _to_float(value: JsonScalar) -> float:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return float(value)  # type: ignore[arg-type]
+
+
+def _to_decimal(value: JsonScalar) -> Decimal:
+    if isinstance(value, bool):
+        raise ValueError(value)
+    return Decimal(str(value))
+
+
+def _to_bool(value: JsonScalar) -> bool:
+    text = str(value).lower()
+    if text in ("true", "t", "yes", "y", "on", "1"):
+        return True
+    if text in ("false", "f", "no", "n", "off", "0"):
+        return False
+    raise ValueError(value)
+
+
+def _to_text(value: JsonScalar) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _to_bytes(value: JsonScalar) -> bytes:
+    text = str(value)
+    return bytes.fromhex(text[2:]) if text.startswith("\\x") else text.encode()
+
+
+def _to_interval(value: JsonScalar) -> dt.timedelta:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return dt.timedelta(seconds=value)
+    match = _ISO_DURATION.fullmatch(str(value))
+    if match is None or not any(match[part] for part in ("days", "hours", "minutes", "seconds")):
+        raise ValueError(value)
+    delta = dt.timedelta(
+        days=int(match["days"] or 0),
+        hours=int(match["hours"] or 0),
+        minutes=int(match["minutes"] or 0),
+        seconds=float(match["seconds"] or 0),
+    )
+    return -delta if match["sign"] else delta
+
+
+def _from_iso(parse: Callable[[str], Any]) -> Callable[[JsonScalar], Any]:
+    def convert(value: JsonScalar) -> Any:
+        if not isinstance(value, str):
+            raise ValueError(value)
+        return parse(value)
+
+    return convert
+
+
+_PARAM_CONVERTERS: dict[str, Callable[[JsonScalar], object]] = {
+    "int2": _to_int,
+    "int4": _to_int,
+    "int8": _to_int,
+    "oid": _to_int,
+    "float4": _to_float,
+    "float8": _to_float,
+    "numeric": _to_decimal,
+    "bool": _to_bool,
+    "text": _to_text,
+    "varchar": _to_text,
+    "bpchar": _to_text,
+    "name": _to_text,
+    "bytea": _to_bytes,
+    "date": _from_iso(dt.date.fromisoformat),
+    "timestamp": _from_iso(dt.datetime.fromisoformat),
+    "timestamptz": _from_iso(dt.datetime.fromisoformat),
+    "time": _from_iso(dt.time.fromisoformat),
+    "timetz": _from_iso(dt.time.fromisoformat),
+    "interval": _to_interval,
+}
+
+
+def _coerce_params(types: Sequence[Any], params: Sequence[JsonScalar]) -> list[object]:
+    if len(types) != len(params):
+        raise UsageError(f"the statement takes {len(types)} parameter(s), {len(params)} given")
+    coerced: list[object] = []
+    for position, (pg_type, value) in enumerate(zip(types, params, strict=True), 1):
+        convert = _PARAM_CONVERTERS.get(pg_type.name) if pg_type.schema == "pg_catalog" else None
+        if value is None or convert is None:
+            coerced.append(value)
+            continue
+        try:
+            coerced.append(convert(value))
+        except (ValueError, TypeError, ArithmeticError) as error:
+            raise UsageError(f"parameter ${position} is not a valid {pg_type.name}: {value!r}") from error
+    return coerced

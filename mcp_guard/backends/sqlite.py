@@ -1,0 +1,332 @@
+"""SQLite through aiosqlite, with the engine itself refusing what a call may not do.
+
+Reads run on `mode=ro` connections with `PRAGMA query_only` and an authorizer that allows reading
+and nothing else: no ATTACH (VACUUM INTO attaches too), no PRAGMA, no transaction control, no
+file or extension functions. Writes run on one read-write connection that may not ATTACH, PRAGMA
+or load extensions, in `BEGIN IMMEDIATE ... COMMIT`: all or nothing. Neither kind of connection can
+attach a database at all (SQLITE_LIMIT_ATTACHED = 0), and a progress handler enforces the timeout
+inside the engine.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import re
+import secrets
+import sqlite3
+import time
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager, suppress
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+
+from mcp_guard.backends.base import Backend, Column, ColumnInfo, Limits, ResultSet, TableInfo, WriteResult
+from mcp_guard.errors import BackendError, StatementTimeout, UsageError
+from mcp_guard.values import JsonScalar, JsonValue, to_json_value
+
+_PROGRESS_STEPS = 10_000
+"""Virtual machine instructions between two deadline checks: well under a millisecond."""
+
+_DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
+_READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
+_NEVER_ON_WRITE = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA})
+_TRANSACTION_ACTIONS = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
+_ACTION_NAMES = {
+    getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ")
+    for name in (
+        "CREATE_INDEX CREATE_TABLE CREATE_TEMP_INDEX CREATE_TEMP_TABLE CREATE_TEMP_TRIGGER CREATE_TEMP_VIEW "
+        "CREATE_TRIGGER CREATE_VIEW DELETE DROP_INDEX DROP_TABLE DROP_TEMP_INDEX DROP_TEMP_TABLE "
+        "DROP_TEMP_TRIGGER DROP_TEMP_VIEW DROP_TRIGGER DROP_VIEW INSERT PRAGMA TRANSACTION UPDATE ATTACH "
+        "DETACH ALTER_TABLE REINDEX ANALYZE CREATE_VTABLE DROP_VTABLE SAVEPOINT"
+    ).split()
+}
+
+# Python's sqlite3 caches prepared statements by their text, and a cached statement is not shown to
+# the authorizer again: our own transaction control carries a token no user statement can repeat.
+_OWN = f" /* mcp-guard {secrets.token_hex(16)} */"
+
+_LIST_TABLES = r"""
+SELECT name, type FROM sqlite_master
+WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\_%' ESCAPE '\'
+ORDER BY name
+"""
+_DESCRIBE_TABLE = 'SELECT name, type, "notnull", pk FROM pragma_table_info(?, ?) ORDER BY cid'
+_FIRST_WORD = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*([A-Za-z]+)", re.S)
+
+
+class _NoAttach(sqlite3.Connection):
+    """Can attach no database: ATTACH, and VACUUM INTO (which attaches), fail in the engine."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.setlimit(sqlite3.SQLITE_LIMIT_ATTACHED, 0)
+
+
+class _QueryOnly(_NoAttach):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.execute("PRAGMA query_only = ON")
+
+
+class _Guard:
+    """What one connection's authorizer and progress handler decide by; they run in sqlite's thread."""
+
+    def __init__(self, read_only: bool) -> None:
+        self.read_only = read_only
+        self.own_statement = False
+        self.deadline = math.inf
+        self.timed_out = False
+        self.denied: str | None = None
+
+    def start(self, timeout_s: float) -> None:
+        self.deadline = time.monotonic() + timeout_s
+        self.timed_out = False
+        self.denied = None
+
+    def stop(self) -> None:
+        self.deadline = math.inf
+
+    def authorize(
+        self, action: int, arg1: str | None, arg2: str | None, _db: str | None, _trigger: Any
+    ) -> int:
+        if action == sqlite3.SQLITE_FUNCTION:
+            if (arg2 or "").lower() in _DENIED_FUNCTIONS:
+                return self._deny(f"the function {arg2}()")
+            return sqlite3.SQLITE_OK
+        if action in _TRANSACTION_ACTIONS:
+            return sqlite3.SQLITE_OK if self.own_statement else self._deny("transaction control")
+        if self.read_only and action not in _READ_ACTIONS or action in _NEVER_ON_WRITE:
+            return self._deny(" ".join(part for part in (_ACTION_NAMES.get(action), arg1) if part))
+        return sqlite3.SQLITE_OK
+
+    def progress(self) -> int:
+        if time.monotonic() > self.deadline:
+            self.timed_out = True
+            return 1
+        return 0
+
+    def _deny(self, what: str) -> int:
+        self.denied = what
+        return sqlite3.SQLITE_DENY
+
+
+class _Link:
+    """One aiosqlite connection and its guard."""
+
+    def __init__(self, conn: aiosqlite.Connection, guard: _Guard) -> None:
+        self.conn = conn
+        self.guard = guard
+
+    async def own(self, sql: str) -> None:
+        """Run our own transaction control, which the authorizer refuses to user statements."""
+        self.guard.own_statement = True
+        try:
+            await self.conn.execute(sql + _OWN)
+        finally:
+            self.guard.own_statement = False
+
+    async def run(self, sql: str, params: Sequence[JsonScalar], limits: Limits, count: int | None) -> Any:
+        """Run `sql` under the deadline: (description, up to `count` rows or all, rowcount)."""
+        self.guard.start(limits.timeout_s)
+        cursor = await self.conn.execute(sql, params)
+        rows = await (cursor.fetchall() if count is None else cursor.fetchmany(count))
+        await cursor.close()  # an unfinished SELECT would hold its read lock or WAL snapshot
+        # Not in a `finally`: a cancelled call's statement runs on in sqlite's thread, under the deadline.
+        self.guard.stop()
+        return cursor.description, rows, cursor.rowcount
+
+
+class SqliteBackend(Backend):
+    """One SQLite database file that already exists."""
+
+    dialect = "sqlite"
+
+    def __init__(self, path: str | Path, *, pool_size: int = 4, busy_timeout_s: float = 5.0) -> None:
+        self._path = Path(path).absolute()
+        self._pool_size = pool_size
+        self._busy_timeout_s = busy_timeout_s
+        self._readers: asyncio.Queue[_Link] = asyncio.Queue()
+        self._links: list[_Link] = []
+        self._writer: _Link | None = None
+        self._catalogue: aiosqlite.Connection | None = None
+        self._write_lock = asyncio.Lock()
+
+    async def open(self) -> None:
+        if not self._path.is_file():
+            raise BackendError(f"the SQLite database {self._path} does not exist; create it first")
+        with _errors(None, 0.0):
+            for _ in range(self._pool_size):
+                self._readers.put_nowait(await self._connect(read_only=True))
+            self._writer = await self._connect(read_only=False)
+            # Our own catalogue queries use the table_info pragma: a connection no user statement reaches.
+            self._catalogue = await aiosqlite.connect(
+                self._uri("ro"), uri=True, isolation_level=None, factory=_QueryOnly
+            )
+
+    async def close(self) -> None:
+        links, self._links, self._writer = self._links, [], None
+        catalogue, self._catalogue = self._catalogue, None
+        self._readers = asyncio.Queue()
+        for conn in [link.conn for link in links] + ([catalogue] if catalogue else []):
+            await conn.close()
+
+    async def read(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[ResultSet]:
+        _check_params(statements, params)
+        results: list[ResultSet] = []
+        async with self._reader(limits) as link:
+            several = len(statements) > 1
+            if several:  # one snapshot for all of them
+                with _errors(link.guard, limits.timeout_s):
+                    await link.own("BEGIN")
+            try:
+                for where, sql in _numbered(statements):
+                    with _errors(link.guard, limits.timeout_s, where):
+                        description, rows, _ = await link.run(sql, params, limits, limits.row_limit + 1)
+                    results.append(_result_set(description, rows, limits))
+            finally:
+                if several:
+                    with suppress(sqlite3.Error):
+                        await link.own("ROLLBACK")
+        return results
+
+    async def write(
+        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+    ) -> list[WriteResult]:
+        _check_params(statements, params)
+        if self._writer is None:
+            raise BackendError("the SQLite connection is not open")
+        link = self._writer
+        results: list[WriteResult] = []
+        async with self._write_lock:
+            with _errors(link.guard, limits.timeout_s):
+                await link.own("BEGIN IMMEDIATE")
+            try:
+                for where, sql in _numbered(statements):
+                    with _errors(
+                        link.guard, limits.timeout_s, f"{where or 'statement'} failed, nothing was changed"
+                    ):
+                        description, rows, rowcount = await link.run(sql, params, limits, None)
+                    results.append(_write_result(sql, description, rows, rowcount, limits))
+                with _errors(link.guard, limits.timeout_s, "COMMIT failed, nothing was changed"):
+                    await link.own("COMMIT")
+            except BaseException:
+                with suppress(sqlite3.Error):
+                    await link.own("ROLLBACK")
+                raise
+        return results
+
+    async def list_tables(self) -> list[TableInfo]:
+        with _errors(None, 0.0):
+            rows = await self._require_catalogue().execute_fetchall(_LIST_TABLES)
+        return [TableInfo(None, name, "view" if kind == "view" else "table") for name, kind in rows]
+
+    async def describe_table(self, table: str) -> list[ColumnInfo]:
+        catalogue = self._require_catalogue()
+        text = table.replace('"', "")
+        schema, dot, name = text.partition(".")
+        with _errors(None, 0.0):
+            for reading in ([(name, schema)] if dot else []) + [(text, None)]:
+                rows = list(await catalogue.execute_fetchall(_DESCRIBE_TABLE, reading))
+                if rows:
+                    return [
+                        ColumnInfo(column, kind, not notnull, pk > 0) for column, kind, notnull, pk in rows
+                    ]
+        raise UsageError(f"no table named {table!r} on this connection (list_tables shows the names)")
+
+    def _uri(self, mode: str) -> str:
+        return f"{self._path.as_uri()}?mode={mode}"
+
+    def _require_catalogue(self) -> aiosqlite.Connection:
+        if self._catalogue is None:
+            raise BackendError("the SQLite connection is not open")
+        return self._catalogue
+
+    async def _connect(self, *, read_only: bool) -> _Link:
+        conn = await aiosqlite.connect(
+            self._uri("ro" if read_only else "rw"),
+            uri=True,
+            isolation_level=None,  # we say BEGIN and COMMIT ourselves
+            timeout=self._busy_timeout_s,
+            factory=_QueryOnly if read_only else _NoAttach,
+        )
+        guard = _Guard(read_only)
+        await conn.set_authorizer(guard.authorize)
+        await conn.set_progress_handler(guard.progress, _PROGRESS_STEPS)
+        link = _Link(conn, guard)
+        self._links.append(link)
+        return link
+
+    @asynccontextmanager
+    async def _reader(self, limits: Limits) -> AsyncIterator[_Link]:
+        if not self._links:
+            raise BackendError("the SQLite connection is not open")
+        readers = self._readers
+        try:
+            async with asyncio.timeout(limits.timeout_s):
+                link = await readers.get()
+        except TimeoutError as error:
+            raise BackendError(f"all {self._pool_size} SQLite connections are busy; try again") from error
+        try:
+            yield link
+        finally:
+            readers.put_nowait(link)
+
+
+@contextmanager
+def _errors(guard: _Guard | None, timeout_s: float, where: str = "") -> Iterator[None]:
+    """The one mapping from sqlite3 errors to ours: the timeout, what the authorizer refused, or the text."""
+    try:
+        yield
+    except sqlite3.Error as error:
+        prefix = f"{where}: " if where else ""
+        if guard is not None and guard.timed_out:
+            raise StatementTimeout(f"{prefix}statement timed out after {timeout_s} s") from error
+        if guard is not None and guard.denied:
+            scope = "read-only connection" if guard.read_only else "connection"
+            raise BackendError(f"{prefix}not allowed on this {scope}: {guard.denied}") from error
+        raise BackendError(f"{prefix}{error}") from error
+
+
+def _check_params(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
+    if not statements:
+        raise UsageError("no SQL statement to run")
+    if params and len(statements) != 1:
+        raise UsageError(f"params need exactly one statement; this call has {len(statements)}")
+
+
+def _numbered(statements: Sequence[str]) -> Iterator[tuple[str, str]]:
+    count = len(statements)
+    for index, sql in enumerate(statements, 1):
+        yield (f"statement {index} of {count}" if count > 1 else ""), sql
+
+
+def _result_set(description: Any, rows: list[tuple[Any, ...]], limits: Limits) -> ResultSet:
+    converted: list[list[JsonValue]] = [[to_json_value(value) for value in row] for row in rows]
+    names = [entry[0] for entry in description or ()]
+    columns = tuple(Column(name, _storage_class(rows, index)) for index, name in enumerate(names))
+    return ResultSet.capped(columns, converted, limits)
+
+
+def _storage_class(rows: list[tuple[Any, ...]], index: int) -> str:
+    """SQLite types values, not columns: the class of the first non-NULL value, "" if none."""
+    for row in rows:
+        value = row[index]
+        if value is not None:
+            return {int: "integer", float: "real", str: "text", bytes: "blob"}.get(type(value), "")
+    return ""
+
+
+def _write_result(
+    sql: str, description: Any, rows: list[tuple[Any, ...]], rowcount: int, limits: Limits
+) -> WriteResult:
+    match = _FIRST_WORD.match(sql)
+    verb = match[1].upper() if match else ""
+    affected = rowcount if rowcount >= 0 else None
+    status = f"{verb} {affected}" if affected is not None else verb
+    returned = _result_set(description, rows[: limits.row_limit + 1], limits) if description else None
+    return WriteResult(status, affected, returned)
