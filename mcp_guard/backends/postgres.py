@@ -68,8 +68,8 @@ ORDER BY 1, 2
 
 _FIND_TABLE = """
 SELECT c.oid FROM pg_catalog.pg_class c JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
-WHERE c.relname = $2 AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
-  AND CASE WHEN $1::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid) ELSE n.nspname = $1 END
+WHERE c.relname::text = $2::text AND c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND CASE WHEN $1::text IS NULL THEN pg_catalog.pg_table_is_visible(c.oid) ELSE n.nspname::text = $1 END
 """
 
 _DESCRIBE_TABLE = """

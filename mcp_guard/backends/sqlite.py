@@ -33,6 +33,7 @@ _PROGRESS_STEPS = 10_000
 _DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
 _READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
 _NEVER_ON_WRITE = frozenset({sqlite3.SQLITE_ATTACH, sqlite3.SQLITE_DETACH, sqlite3.SQLITE_PRAGMA})
+_SCHEMA_TABLES = frozenset({"sqlite_master", "sqlite_temp_master", "sqlite_schema", "sqlite_temp_schema"})
 _TRANSACTION_ACTIONS = frozenset({sqlite3.SQLITE_TRANSACTION, sqlite3.SQLITE_SAVEPOINT})
 _ACTION_NAMES = {
     getattr(sqlite3, f"SQLITE_{name}"): name.replace("_", " ")
@@ -99,6 +100,8 @@ class _Guard:
         if action in _TRANSACTION_ACTIONS:
             return sqlite3.SQLITE_OK if self.own_statement else self._deny("transaction control")
         if self.read_only and action not in _READ_ACTIONS or action in _NEVER_ON_WRITE:
+            if arg1 in _SCHEMA_TABLES:  # SQLite checks the catalogue write before the CREATE itself
+                return self._deny(f"changing the schema ({arg1})")
             return self._deny(" ".join(part for part in (_ACTION_NAMES.get(action), arg1) if part))
         return sqlite3.SQLITE_OK
 
