@@ -470,6 +470,9 @@ def _classify_chunk(chunk: _Chunk) -> Statement:
 
 def _classify_parsed(chunk: _Chunk) -> Statement:
     operation = chunk.operation()
+    if any(token.token_type is TokenType.SEMICOLON for token in chunk.tokens):  # see _split
+        facts = _Facts(operation, error="a routine body mcp-guard cannot see inside")
+        return facts.add(StatementKind.UNKNOWN, RiskFlag.OPAQUE_COMMAND).statement(chunk.text)
     try:
         trees = _DIALECTS[chunk.dialect].parser().parse(chunk.tokens, chunk.source)
     except Exception as error:  # ParseError, or sqlglot failing on input it does not expect
@@ -482,9 +485,6 @@ def _classify_parsed(chunk: _Chunk) -> Statement:
         facts = _Facts(operation, error=f"mcp-guard cannot see inside this {operation} statement")
         return facts.add(StatementKind.UNKNOWN, RiskFlag.OPAQUE_COMMAND).statement(chunk.text)
     root = _ROOTS.get(type(tree))
-    if tree is None or len(trees) != 1:
-        facts = _Facts(operation, error="a statement with a body mcp-guard cannot see inside")
-        return facts.add(StatementKind.UNKNOWN, RiskFlag.OPAQUE_COMMAND).statement(chunk.text)
     if root is None or not isinstance(tree, exp.Expression):
         # e.g. NOTIFY c, which sqlglot reads as the column NOTIFY aliased c
         error = f"not a statement mcp-guard knows (sqlglot reads it as {type(tree).__name__})"
@@ -537,11 +537,6 @@ _DML = (exp.Insert, exp.Update, exp.Delete, exp.Merge)  # not exp.DML: sqlglot c
 
 def _read_tree(tree: exp.Expression, facts: _Facts, dialect: str) -> None:
     """Walk the whole tree: a READ root may hide a write, a lock, an INTO or a dangerous call."""
-    ctes = {
-        _identifier(cte.args["alias"].this, dialect)
-        for cte in tree.find_all(exp.CTE)
-        if cte.args.get("alias")
-    }
     if isinstance(tree, exp.Copy):
         _read_copy(tree, facts, dialect)
     elif isinstance(tree, (exp.Create, exp.Drop, exp.Alter, exp.TruncateTable, exp.Comment)):
@@ -549,7 +544,11 @@ def _read_tree(tree: exp.Expression, facts: _Facts, dialect: str) -> None:
     for node in tree.walk(bfs=False):
         if isinstance(node, exp.Table):
             name = _table_name(node, dialect)
-            if name and name not in ctes and not isinstance(node.parent, exp.UserDefinedFunction):
+            if (
+                name
+                and not isinstance(node.parent, exp.UserDefinedFunction)
+                and not _names_cte(node, dialect)
+            ):
                 facts.tables[name] = None
         elif isinstance(node, _DML):
             facts.add(StatementKind.WRITE)
@@ -572,6 +571,34 @@ def _read_tree(tree: exp.Expression, facts: _Facts, dialect: str) -> None:
             # sqlglot misreads BEGIN ATOMIC ... END routine bodies (a DELETE in one came out as an alias).
             facts.add(StatementKind.UNKNOWN, RiskFlag.OPAQUE_COMMAND)
             facts.error = facts.error or "mcp-guard cannot see inside part of this statement"
+    # A write's target is always a real table, even when a CTE has the same name.
+    facts.tables.update(dict.fromkeys(facts.written))
+
+
+def _names_cte(table: exp.Table, dialect: str) -> bool:
+    """Whether `table` refers to a CTE in scope rather than to a real table of that name.
+
+    A CTE is visible in its query's body and in the CTEs after it (itself too under RECURSIVE). A
+    name this cannot prove to be a CTE counts as a table, so no table is ever missed.
+    """
+    if table.args.get("db") or table.args.get("catalog"):
+        return False
+    name = _identifier(table.this, dialect)
+    child: exp.Expression = table
+    node = table.parent
+    while node is not None:
+        ctes: list[exp.Expression] = []
+        if isinstance(node, exp.With):  # inside the definition of one of its CTEs
+            position = next((i for i, cte in enumerate(node.expressions) if cte is child), 0)
+            ctes = node.expressions[: position + 1 if node.args.get("recursive") else position]
+        elif isinstance(node.args.get("with_"), exp.With) and node.args["with_"] is not child:
+            ctes = node.args["with_"].expressions
+        if any(
+            cte.args.get("alias") and _identifier(cte.args["alias"].this, dialect) == name for cte in ctes
+        ):
+            return True
+        child, node = node, node.parent
+    return False
 
 
 def _read_copy(copy: exp.Copy, facts: _Facts, dialect: str) -> None:

@@ -372,6 +372,20 @@ def test_cte_names_are_not_tables_but_what_they_read_is() -> None:
     assert statement.tables == ("orders",)
 
 
+@pytest.mark.parametrize(
+    ("sql", "tables"),
+    [
+        ("SELECT * FROM orders, (WITH orders AS (SELECT 1) SELECT * FROM orders) AS x", ("orders",)),
+        ("WITH orders AS (SELECT * FROM orders) SELECT * FROM orders", ("orders",)),
+        ("WITH a AS (SELECT * FROM b), b AS (SELECT 1) SELECT * FROM a, b", ("b",)),
+        ("WITH RECURSIVE r AS (SELECT 1 UNION ALL SELECT * FROM r) SELECT * FROM r", ()),
+        ("WITH orders AS (SELECT 1) DELETE FROM orders WHERE id = 1", ("orders",)),
+    ],
+)
+def test_a_name_counts_as_a_cte_only_where_the_cte_is_in_scope(sql: str, tables: tuple[str, ...]) -> None:
+    assert classify(sql, "postgres").tables == tables
+
+
 def test_table_functions_are_not_tables() -> None:
     (statement,) = classify("SELECT * FROM generate_series(1, 3), json_each('[]')", "postgres").statements
     assert statement.tables == ()
@@ -487,3 +501,10 @@ def test_classification_serialises_to_json() -> None:
     assert data["kind"] == "write"
     assert data["flags"] == ["multiple_statements", "write_without_where"]
     assert [s["text"] for s in data["statements"]] == ["SELECT 1", "DELETE FROM t"]
+
+
+def test_sqlglot_falling_back_to_a_command_logs_no_warning(caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level("WARNING"):
+        statement = classify("CREATE EXTENSION mcp_guard_no_such_extension", "postgres").statements[0]
+    assert statement.flags == {RiskFlag.OPAQUE_COMMAND}
+    assert caplog.records == []
