@@ -484,11 +484,11 @@ def _classify_parsed(chunk: _Chunk) -> Statement:
             return _Facts(operation).add(kind).statement(chunk.text)
         facts = _Facts(operation, error=f"mcp-guard cannot see inside this {operation} statement")
         return facts.add(StatementKind.UNKNOWN, RiskFlag.OPAQUE_COMMAND).statement(chunk.text)
-    root = _ROOTS.get(type(tree))
+    root = _ROOTS.get(type(tree)) if isinstance(tree, exp.Expression) else None
     if root is None or not isinstance(tree, exp.Expression):
         # e.g. NOTIFY c, which sqlglot reads as the column NOTIFY aliased c
-        error = f"not a statement mcp-guard knows (sqlglot reads it as {type(tree).__name__})"
-        return _unparseable(chunk.text, error, operation)
+        message = f"not a statement mcp-guard knows (sqlglot reads it as {type(tree).__name__})"
+        return _unparseable(chunk.text, message, operation)
     kind, name = root
     if isinstance(tree, (exp.Create, exp.Drop, exp.Alter)):
         name = f"{name} {tree.args.get('kind') or ''}".strip().upper()
@@ -584,10 +584,10 @@ def _names_cte(table: exp.Table, dialect: str) -> bool:
     if table.args.get("db") or table.args.get("catalog"):
         return False
     name = _identifier(table.this, dialect)
-    child: exp.Expression = table
+    child: exp.Expr = table
     node = table.parent
     while node is not None:
-        ctes: list[exp.Expression] = []
+        ctes: list[exp.Expr] = []
         if isinstance(node, exp.With):  # inside the definition of one of its CTEs
             position = next((i for i, cte in enumerate(node.expressions) if cte is child), 0)
             ctes = node.expressions[: position + 1 if node.args.get("recursive") else position]
