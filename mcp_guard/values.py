@@ -41,6 +41,14 @@ def to_json_value(value: object) -> JsonValue:
     return str(value)
 
 
+def converter_for(kind: type) -> Callable[[Any], JsonValue] | None:
+    """What every value of exactly type `kind` needs to become JSON; None when it already is.
+
+    For drivers that know a column's type before its values: one lookup per column, not per value.
+    """
+    return None if kind in _AS_IS else _BY_TYPE.get(kind, to_json_value)
+
+
 def iso_duration(delta: dt.timedelta) -> str:
     """`timedelta` → ISO 8601 duration: 1 day 2:03:04 → "P1DT2H3M4S"; zero → "PT0S"."""
     micros = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds

@@ -1,29 +1,33 @@
 """PostgreSQL through an asyncpg pool, with the least power that works.
 
-Reads run in one `BEGIN READ ONLY` transaction that is rolled back at the end; writes in one
-transaction, all or nothing. Each statement goes alone through the extended protocol, which
-refuses a second statement in one message. A connection is reset fully before it goes back to the
-pool. Every driver, network and timeout error leaves through `_translate`, credentials redacted.
+Reads run in one `BEGIN READ ONLY` transaction that is rolled back; writes in one transaction, all
+or nothing. Each statement goes alone through the extended protocol, which refuses a second
+statement in one message. After the answer, the transaction is ended and the session reset in one
+round trip, and only then does the connection go back to the pool. Every driver, network and
+timeout error leaves through `_translate`, credentials redacted.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import functools
 import json
 import logging
 import re
+import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from decimal import Decimal
 from typing import Any, cast
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
 from mcp_guard.backends.base import Backend, Column, ColumnInfo, Limits, ResultSet, TableInfo, WriteResult
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
 from mcp_guard.redact import redact
-from mcp_guard.values import JsonScalar, to_json_value
+from mcp_guard.values import JsonScalar, JsonValue, converter_for, to_json_value
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +54,9 @@ CLOSE ALL;
 UNLISTEN *;
 DISCARD TEMP;
 DISCARD SEQUENCES;
-DO $reset$ DECLARE name text; BEGIN
-  FOR name IN SELECT s.name FROM pg_catalog.pg_prepared_statements s WHERE s.from_sql LOOP
-    EXECUTE pg_catalog.format('DEALLOCATE %I', name);
+DO $reset$ DECLARE prepared text; BEGIN
+  FOR prepared IN SELECT s.name FROM pg_catalog.pg_prepared_statements s WHERE s.from_sql LOOP
+    EXECUTE pg_catalog.format('DEALLOCATE %I', prepared);
   END LOOP;
 END $reset$;
 """
@@ -82,33 +86,50 @@ ORDER BY a.attnum
 """
 
 _COUNTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT"})
+_DECODED_AS: dict[str, type] = {
+    **dict.fromkeys(("int2", "int4", "int8", "oid"), int),
+    **dict.fromkeys(("text", "varchar", "bpchar", "name", "char"), str),
+    "bool": bool,
+    **dict.fromkeys(("float4", "float8"), float),
+    "numeric": Decimal,
+    "date": dt.date,
+    **dict.fromkeys(("timestamp", "timestamptz"), dt.datetime),
+    **dict.fromkeys(("time", "timetz"), dt.time),
+    "interval": dt.timedelta,
+    "uuid": uuid.UUID,
+    "bytea": bytes,
+}
+"""What asyncpg decodes these pg_catalog types into: their conversion is chosen once per column."""
+
+_Converters = tuple[Callable[[object], JsonValue] | None, ...]
 
 
 class _GuardedConnection(asyncpg.Connection):  # type: ignore[misc]
-    """A pooled connection that resets fully on release and reads with a row cap in one round trip.
+    """A pooled connection that resets fully before reuse and reads with a row cap in one round trip.
 
     asyncpg's public API offers a capped fetch (a cursor: two or three round trips) or result
     types (`prepare()`: one more, uncached, round trip), not both at once; `fetch_capped` uses the
     internals that `fetchrow()` itself uses, so a repeated read costs one round trip.
     """
 
-    _reset_done = False
+    _settled = False
 
     def get_reset_query(self) -> str:
-        """asyncpg's documented hook, run when the connection goes back to the pool."""
-        if self._reset_done:
-            self._reset_done = False
+        """asyncpg's documented hook, run by the pool on release: nothing left to do after `settle`."""
+        if self._settled:
+            self._settled = False
             return ""
         return _RESET_SQL
 
-    async def end_read(self, timeout: float) -> None:
-        """Roll the read back and reset the session in one round trip (the release then skips it)."""
-        await self.execute("ROLLBACK;" + _RESET_SQL, timeout=timeout)
-        self._reset_done = True
+    async def settle(self) -> None:
+        """End the open transaction, if any, and reset the session, in one round trip."""
+        rollback = "ROLLBACK;" if self.is_in_transaction() else ""
+        await self.execute(rollback + _RESET_SQL, timeout=_CONNECT_TIMEOUT_S)
+        self._settled = True
 
     async def fetch_capped(
         self, sql: str, params: Sequence[JsonScalar], limit: int, timeout: float
-    ) -> tuple[tuple[Column, ...], list[asyncpg.Record]]:
+    ) -> tuple[tuple[Column, ...], list[list[JsonValue]]]:
         """At most `limit` rows of `sql` through the unnamed portal, with a cached prepared statement."""
 
         def bind_execute(state: Any, budget: float | None) -> Any:
@@ -117,7 +138,8 @@ class _GuardedConnection(asyncpg.Connection):  # type: ignore[misc]
 
         with self._stmt_exclusive_section:
             records, state = await self._do_execute(sql, bind_execute, timeout)
-        return _columns(state._get_attributes()), records
+        columns, converters = _shape(state._get_attributes())
+        return columns, _json_rows(records, converters)
 
 
 class PostgresBackend(Backend):
@@ -129,9 +151,13 @@ class PostgresBackend(Backend):
         parts = urlsplit(url)
         self._url = url
         self._pool_size = pool_size
-        self._secrets = tuple(secret for secret in (parts.password, unquote(parts.password or "")) if secret)
+        passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+        self._secrets = tuple(
+            secret for password in passwords for secret in (password, unquote(password)) if secret
+        )
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
         self._pool: asyncpg.Pool | None = None
+        self._settling: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
         where = f"cannot connect to PostgreSQL at {self._where}"
@@ -151,6 +177,7 @@ class PostgresBackend(Backend):
 
     async def close(self) -> None:
         pool, self._pool = self._pool, None
+        await asyncio.gather(*self._settling, return_exceptions=True)
         if pool is not None:
             await pool.close()
 
@@ -173,25 +200,18 @@ class PostgresBackend(Backend):
         results: list[ResultSet] = []
         async with self._connection(limits) as conn:
             with self._errors(limits.timeout_s):
-                # The trailing SELECT takes the snapshot: after it, SET TRANSACTION READ WRITE is refused.
-                await conn.execute(f"BEGIN READ ONLY; {_timeout_sql(limits)}; SELECT", timeout=backstop)
-            try:
-                for where, sql in _numbered(statements):
-                    with self._errors(limits.timeout_s, where):
-                        columns, records = await conn.fetch_capped(
-                            sql, params, limits.row_limit + 1, backstop
-                        )
-                    if not conn.is_in_transaction():
-                        raise BackendError(
-                            f"{where or 'the statement'} ended the read-only transaction: refused"
-                        )
-                    rows = [[to_json_value(value) for value in record] for record in records]
-                    results.append(ResultSet.capped(columns, rows, limits))
-            except Exception:
-                await _abandon(conn)
-                raise
-            with suppress(*_DRIVER_ERRORS):  # if this fails, the release resets the connection (or drops it)
-                await conn.end_read(backstop)
+                # One snapshot for all statements; the trailing SELECT takes it, after which
+                # SET TRANSACTION READ WRITE is refused.
+                await conn.execute(
+                    f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {_timeout_sql(limits)}; SELECT",
+                    timeout=backstop,
+                )
+            for where, sql in _numbered(statements):
+                with self._errors(limits.timeout_s, where):
+                    columns, rows = await conn.fetch_capped(sql, params, limits.row_limit + 1, backstop)
+                if not conn.is_in_transaction():
+                    raise BackendError(f"{where or 'the statement'} ended the read-only transaction: refused")
+                results.append(ResultSet.capped(columns, rows, limits))
         return results
 
     async def write(
@@ -202,28 +222,23 @@ class PostgresBackend(Backend):
         results: list[WriteResult] = []
         async with self._connection(limits) as conn:
             with self._errors(limits.timeout_s):
+                # Plain BEGIN: a role the DBA made read-only by default stays read-only.
                 await conn.execute(f"BEGIN; {_timeout_sql(limits)}", timeout=backstop)
-            try:
-                for where, sql in _numbered(statements):
-                    # Uncached prepare: a statement after DDL in the same transaction must see the new shape.
-                    with self._errors(
-                        limits.timeout_s, f"{where or 'statement'} failed, nothing was changed"
-                    ):
-                        prepared = await conn.prepare(sql, timeout=backstop)
-                        args = _coerce_params(prepared.get_parameters(), params)
-                        records = await prepared.fetch(*args, timeout=backstop)
-                    status = prepared.get_statusmsg()
-                    if not conn.is_in_transaction():
-                        raise BackendError(
-                            f"{where or 'the statement'} ended the transaction early ({status}); "
-                            "the statements after it did not run"
-                        )
-                    results.append(_write_result(status, prepared.get_attributes(), records, limits))
-                with self._errors(limits.timeout_s, "COMMIT failed, nothing was changed"):
-                    await conn.execute("COMMIT", timeout=backstop)
-            except Exception:
-                await _abandon(conn)
-                raise
+            for where, sql in _numbered(statements):
+                # Uncached prepare: a statement after DDL in the same transaction must see the new shape.
+                with self._errors(limits.timeout_s, f"{where or 'statement'} failed, nothing was changed"):
+                    prepared = await conn.prepare(sql, timeout=backstop)
+                    args = _coerce_params(prepared.get_parameters(), params)
+                    records = await prepared.fetch(*args, timeout=backstop)
+                status = prepared.get_statusmsg()
+                if not conn.is_in_transaction():
+                    raise BackendError(
+                        f"{where or 'the statement'} ended the transaction early ({status}); "
+                        "the statements after it did not run"
+                    )
+                results.append(_write_result(status, prepared.get_attributes(), records, limits))
+            with self._errors(limits.timeout_s, "COMMIT failed, nothing was changed"):
+                await conn.execute("COMMIT", timeout=backstop)
         return results
 
     async def list_tables(self) -> list[TableInfo]:
@@ -248,23 +263,33 @@ class PostgresBackend(Backend):
 
     @asynccontextmanager
     async def _connection(self, limits: Limits) -> AsyncIterator[_GuardedConnection]:
+        """A pooled connection; whatever happens, it is settled (rolled back, reset) after the call."""
         if self._pool is None:
             raise BackendError("the PostgreSQL connection is not open")
         pool = self._pool
         with self._errors(limits.timeout_s, f"cannot connect to PostgreSQL at {self._where}"):
             try:
-                conn = await pool.acquire(timeout=limits.timeout_s)
+                conn = cast(_GuardedConnection, await pool.acquire(timeout=limits.timeout_s))
             except TimeoutError as error:
                 raise BackendError(
                     f"all {self._pool_size} connections to PostgreSQL are busy; try again"
                 ) from error
         try:
-            yield cast(_GuardedConnection, conn)
+            yield conn
         finally:
-            try:
-                await pool.release(conn)
-            except _DRIVER_ERRORS as error:  # asyncpg has closed it; the result stands
-                log.warning("dropped a connection whose reset failed: %s", self._redact(str(error)))
+            # Off the answer's path: the caller has its result (or its error) already, and the pool
+            # hands the connection out again only once it is settled.
+            task = asyncio.get_running_loop().create_task(self._settle(pool, conn))
+            self._settling.add(task)
+            task.add_done_callback(self._settling.discard)
+
+    async def _settle(self, pool: asyncpg.Pool, conn: _GuardedConnection) -> None:
+        with suppress(*_DRIVER_ERRORS):  # then the release resets it, or drops it
+            await conn.settle()
+        try:
+            await pool.release(conn)
+        except _DRIVER_ERRORS as error:  # asyncpg has dropped it
+            log.warning("dropped a connection whose reset failed: %s", self._redact(str(error)))
 
     @contextmanager
     def _errors(self, timeout_s: float, where: str = "") -> Iterator[None]:
@@ -304,13 +329,6 @@ def _encode_json(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
-async def _abandon(conn: _GuardedConnection) -> None:
-    """Roll back after a failure; if even that fails, the release drops the connection."""
-    if conn.is_in_transaction():
-        with suppress(*_DRIVER_ERRORS):
-            await conn.execute("ROLLBACK", timeout=_CONNECT_TIMEOUT_S)
-
-
 def _check_params(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
     if not statements:
         raise UsageError("no SQL statement to run")
@@ -329,8 +347,33 @@ def _timeout_sql(limits: Limits) -> str:
     return f"SET LOCAL statement_timeout = {max(1, round(limits.timeout_s * 1000))}"
 
 
-def _columns(attributes: Sequence[Any]) -> tuple[Column, ...]:
-    return tuple(Column(attribute.name, _type_name(attribute.type)) for attribute in attributes)
+@functools.lru_cache(maxsize=1024)
+def _shape(attributes: tuple[Any, ...]) -> tuple[tuple[Column, ...], _Converters]:
+    """Columns of a statement's result, and per column the conversion its values need (None: none)."""
+    columns = tuple(Column(attribute.name, _type_name(attribute.type)) for attribute in attributes)
+    converters = tuple(
+        converter_for(_DECODED_AS[attribute.type.name])
+        if attribute.type.schema == "pg_catalog" and attribute.type.name in _DECODED_AS
+        else to_json_value
+        for attribute in attributes
+    )
+    return columns, converters
+
+
+def _json_rows(records: Sequence[asyncpg.Record], converters: _Converters) -> list[list[JsonValue]]:
+    """Records → JSON rows, column by column: one converter call per non-NULL value, none for JSON types."""
+    if not records or not any(converters):
+        return [list(record) for record in records]
+    columns: list[Sequence[Any]] = list(zip(*records, strict=True))
+    for index, convert in enumerate(converters):
+        if convert is not None:
+            values = columns[index]
+            columns[index] = (
+                list(map(convert, values))
+                if None not in values
+                else [None if value is None else convert(value) for value in values]
+            )
+    return [list(row) for row in zip(*columns, strict=True)]
 
 
 def _type_name(pg_type: Any) -> str:
@@ -340,14 +383,14 @@ def _type_name(pg_type: Any) -> str:
 
 
 def _write_result(
-    status: str, attributes: Sequence[Any], records: list[asyncpg.Record], limits: Limits
+    status: str, attributes: tuple[Any, ...], records: list[asyncpg.Record], limits: Limits
 ) -> WriteResult:
     command, _, count = status.rpartition(" ")
     counted = count.isdigit() and command.split(" ", 1)[0] in _COUNTED_COMMANDS
     returned = None
     if attributes:
-        rows = [[to_json_value(value) for value in record] for record in records[: limits.row_limit + 1]]
-        returned = ResultSet.capped(_columns(attributes), rows, limits)
+        columns, converters = _shape(attributes)
+        returned = ResultSet.capped(columns, _json_rows(records[: limits.row_limit + 1], converters), limits)
     return WriteResult(status, int(count) if counted else None, returned)
 
 

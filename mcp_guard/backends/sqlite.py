@@ -29,6 +29,8 @@ from mcp_guard.values import JsonScalar, JsonValue, to_json_value
 
 _PROGRESS_STEPS = 10_000
 """Virtual machine instructions between two deadline checks: well under a millisecond."""
+_BUSY_TIMEOUT_S = 5.0
+"""How long a statement waits for another connection's lock on the file."""
 
 _DENIED_FUNCTIONS = frozenset({"load_extension", "readfile", "writefile", "edit", "fts3_tokenizer"})
 _READ_ACTIONS = frozenset({sqlite3.SQLITE_SELECT, sqlite3.SQLITE_READ, sqlite3.SQLITE_RECURSIVE})
@@ -82,7 +84,7 @@ class _Guard:
         self.timed_out = False
         self.denied: str | None = None
 
-    def start(self, timeout_s: float) -> None:
+    def start(self, timeout_s: float = math.inf) -> None:
         self.deadline = time.monotonic() + timeout_s
         self.timed_out = False
         self.denied = None
@@ -99,7 +101,7 @@ class _Guard:
             return sqlite3.SQLITE_OK
         if action in _TRANSACTION_ACTIONS:
             return sqlite3.SQLITE_OK if self.own_statement else self._deny("transaction control")
-        if self.read_only and action not in _READ_ACTIONS or action in _NEVER_ON_WRITE:
+        if (self.read_only and action not in _READ_ACTIONS) or action in _NEVER_ON_WRITE:
             if arg1 in _SCHEMA_TABLES:  # SQLite checks the catalogue write before the CREATE itself
                 return self._deny(f"changing the schema ({arg1})")
             return self._deny(" ".join(part for part in (_ACTION_NAMES.get(action), arg1) if part))
@@ -125,6 +127,7 @@ class _Link:
 
     async def own(self, sql: str) -> None:
         """Run our own transaction control, which the authorizer refuses to user statements."""
+        self.guard.start()
         self.guard.own_statement = True
         try:
             await self.conn.execute(sql + _OWN)
@@ -147,10 +150,9 @@ class SqliteBackend(Backend):
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path, *, pool_size: int = 4, busy_timeout_s: float = 5.0) -> None:
+    def __init__(self, path: str | Path, *, pool_size: int = 4) -> None:
         self._path = Path(path).absolute()
         self._pool_size = pool_size
-        self._busy_timeout_s = busy_timeout_s
         self._readers: asyncio.Queue[_Link] = asyncio.Queue()
         self._links: list[_Link] = []
         self._writer: _Link | None = None
@@ -160,14 +162,18 @@ class SqliteBackend(Backend):
     async def open(self) -> None:
         if not self._path.is_file():
             raise BackendError(f"the SQLite database {self._path} does not exist; create it first")
-        with _errors(None, 0.0):
-            for _ in range(self._pool_size):
-                self._readers.put_nowait(await self._connect(read_only=True))
-            self._writer = await self._connect(read_only=False)
-            # Our own catalogue queries use the table_info pragma: a connection no user statement reaches.
-            self._catalogue = await aiosqlite.connect(
-                self._uri("ro"), uri=True, isolation_level=None, factory=_QueryOnly
-            )
+        try:
+            with _errors(None, 0.0):
+                for _ in range(self._pool_size):
+                    self._readers.put_nowait(await self._connect(read_only=True))
+                self._writer = await self._connect(read_only=False)
+                # Our own catalogue queries use the table_info pragma: a connection no user statement reaches.
+                self._catalogue = await aiosqlite.connect(
+                    self._uri("ro"), uri=True, isolation_level=None, factory=_QueryOnly
+                )
+        except BaseException:
+            await self.close()
+            raise
 
     async def close(self) -> None:
         links, self._links, self._writer = self._links, [], None
@@ -254,7 +260,7 @@ class SqliteBackend(Backend):
             self._uri("ro" if read_only else "rw"),
             uri=True,
             isolation_level=None,  # we say BEGIN and COMMIT ourselves
-            timeout=self._busy_timeout_s,
+            timeout=_BUSY_TIMEOUT_S,
             factory=_QueryOnly if read_only else _NoAttach,
         )
         guard = _Guard(read_only)
@@ -320,8 +326,11 @@ def _storage_class(rows: list[tuple[Any, ...]], index: int) -> str:
     for row in rows:
         value = row[index]
         if value is not None:
-            return {int: "integer", float: "real", str: "text", bytes: "blob"}.get(type(value), "")
+            return _STORAGE_CLASSES.get(type(value), "")
     return ""
+
+
+_STORAGE_CLASSES: dict[type, str] = {int: "integer", float: "real", str: "text", bytes: "blob"}
 
 
 def _write_result(
