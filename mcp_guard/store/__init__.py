@@ -1,1 +1,34 @@
 """The audit store behind one interface; see `base.Store`."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from mcp_guard.errors import ConfigError
+from mcp_guard.store.base import Store
+
+_SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.S)
+
+
+def open_store(url: str) -> Store:
+    """The store named by `url` (`sqlite:///absolute/path.db` or a plain path), not yet opened."""
+    from mcp_guard.store.sqlite import SqliteStore  # each engine's driver loads only when chosen
+
+    match = _SCHEME.match(url)
+    if match is None:
+        if not url.strip():
+            raise ConfigError("the audit store location is empty; give sqlite:///absolute/path.db or a path")
+        return SqliteStore(Path(url).expanduser().absolute())
+    scheme = match["scheme"].lower()
+    if scheme == "sqlite":
+        path = Path(match["rest"])
+        if not path.is_absolute():
+            raise ConfigError(
+                f"audit store sqlite://{match['rest']}: the path must be absolute (sqlite:///var/lib/audit.db)"
+            )
+        return SqliteStore(path)
+    if scheme in ("postgresql", "postgres"):
+        raise ConfigError("a PostgreSQL audit store is not supported yet; use sqlite:///absolute/path.db")
+    # the URL itself is not repeated: it may carry a password
+    raise ConfigError(f"audit store scheme {scheme}:// is not supported; use sqlite:///absolute/path.db")
