@@ -259,6 +259,25 @@ async def test_postgres_timeout_cancels_the_statement_and_the_connection_still_w
     assert await pg_value(pg, "SELECT 1") == 1
 
 
+async def test_postgres_backstop_cancels_a_statement_that_switched_its_timeout_off(
+    pg: PostgresBackend,
+) -> None:
+    started = time.monotonic()
+    with pytest.raises(StatementTimeout, match=r"statement 2 of 2: statement timed out after 0\.5 s"):
+        await pg.read(["SET statement_timeout = 0", "SELECT pg_sleep(10)"], [], TIMEOUT)
+    assert time.monotonic() - started < 2.5
+    assert await pg_value(pg, "SELECT 1") == 1
+
+
+async def test_postgres_errors_keep_the_message_but_not_the_row_values_of_detail(
+    pg: PostgresBackend, pg_schema: str
+) -> None:
+    with pytest.raises(BackendError) as error:
+        await pg.write([f"INSERT INTO {pg_schema}.items (id, name) VALUES (1, 'twin')"], [], Limits())
+    assert "duplicate key value violates unique constraint" in str(error.value)
+    assert "(id)=(1)" not in str(error.value)
+
+
 async def test_postgres_refuses_writes_inside_read_even_if_the_classifier_were_wrong(
     pg: PostgresBackend, pg_schema: str
 ) -> None:
@@ -556,7 +575,7 @@ async def test_sqlite_reads_see_one_snapshot_and_leave_no_transaction_open(lite:
 async def test_sqlite_list_and_describe_tables(lite: SqliteBackend) -> None:
     assert await lite.list_tables() == [TableInfo(None, "cheap", "view"), TableInfo(None, "items", "table")]
     assert await lite.describe_table("items") == [
-        ColumnInfo("id", "INTEGER", True, True),
+        ColumnInfo("id", "INTEGER", False, True),
         ColumnInfo("name", "TEXT", False, False),
         ColumnInfo("price", "REAL", True, False),
         ColumnInfo("picture", "BLOB", True, False),

@@ -242,9 +242,7 @@ class SqliteBackend(Backend):
             for reading in ([(name, schema)] if dot else []) + [(text, None)]:
                 rows = list(await catalogue.execute_fetchall(_DESCRIBE_TABLE, reading))
                 if rows:
-                    return [
-                        ColumnInfo(column, kind, not notnull, pk > 0) for column, kind, notnull, pk in rows
-                    ]
+                    return _column_infos(rows)
         raise UsageError(f"no table named {table!r} on this connection (list_tables shows the names)")
 
     def _uri(self, mode: str) -> str:
@@ -319,6 +317,16 @@ def _result_set(description: Any, rows: list[tuple[Any, ...]], limits: Limits) -
     names = [entry[0] for entry in description or ()]
     columns = tuple(Column(name, _storage_class(rows, index)) for index, name in enumerate(names))
     return ResultSet.capped(columns, converted, limits)
+
+
+def _column_infos(rows: list[Any]) -> list[ColumnInfo]:
+    """table_info rows → columns. The pragma calls a lone INTEGER PRIMARY KEY nullable, but that
+    column is the rowid (or, WITHOUT ROWID, a NOT NULL key): it never holds NULL."""
+    single_key = sum(pk > 0 for *_, pk in rows) == 1
+    return [
+        ColumnInfo(name, kind, not (notnull or (single_key and pk and kind.upper() == "INTEGER")), pk > 0)
+        for name, kind, notnull, pk in rows
+    ]
 
 
 def _storage_class(rows: list[tuple[Any, ...]], index: int) -> str:
