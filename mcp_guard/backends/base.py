@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
+from mcp_guard.errors import UsageError
 from mcp_guard.values import JsonScalar, JsonValue
 
 
@@ -135,3 +136,18 @@ class Backend(ABC):
     @abstractmethod
     async def describe_table(self, table: str) -> list[ColumnInfo]:
         """Columns of `table` (optionally schema-qualified); UsageError when it does not exist."""
+
+
+def check_call(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
+    """For backends: a call has statements, and params only with exactly one of them."""
+    if not statements:
+        raise UsageError("no SQL statement to run")
+    if params and len(statements) != 1:
+        raise UsageError(f"params need exactly one statement; this call has {len(statements)}")
+
+
+def numbered(statements: Sequence[str]) -> Iterator[tuple[str, str]]:
+    """For backends: (where, sql), `where` naming the statement in messages when there are several."""
+    count = len(statements)
+    for index, sql in enumerate(statements, 1):
+        yield (f"statement {index} of {count}" if count > 1 else ""), sql

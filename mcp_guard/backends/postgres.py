@@ -24,7 +24,17 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import asyncpg
 
-from mcp_guard.backends.base import Backend, Column, ColumnInfo, Limits, ResultSet, TableInfo, WriteResult
+from mcp_guard.backends.base import (
+    Backend,
+    Column,
+    ColumnInfo,
+    Limits,
+    ResultSet,
+    TableInfo,
+    WriteResult,
+    check_call,
+    numbered,
+)
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
 from mcp_guard.redact import redact
 from mcp_guard.values import JsonScalar, JsonValue, converter_for, to_json_value
@@ -184,7 +194,7 @@ class PostgresBackend(Backend):
     async def read(
         self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
     ) -> list[ResultSet]:
-        _check_params(statements, params)
+        check_call(statements, params)
         try:
             return await self._read(statements, params, limits)
         except BackendError as error:
@@ -206,7 +216,7 @@ class PostgresBackend(Backend):
                     f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {_timeout_sql(limits)}; SELECT",
                     timeout=backstop,
                 )
-            for where, sql in _numbered(statements):
+            for where, sql in numbered(statements):
                 with self._errors(limits.timeout_s, where):
                     columns, rows = await conn.fetch_capped(sql, params, limits.row_limit + 1, backstop)
                 if not conn.is_in_transaction():
@@ -217,14 +227,14 @@ class PostgresBackend(Backend):
     async def write(
         self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
     ) -> list[WriteResult]:
-        _check_params(statements, params)
+        check_call(statements, params)
         backstop = limits.timeout_s + _BACKSTOP_S
         results: list[WriteResult] = []
         async with self._connection(limits) as conn:
             with self._errors(limits.timeout_s):
                 # Plain BEGIN: a role the DBA made read-only by default stays read-only.
                 await conn.execute(f"BEGIN; {_timeout_sql(limits)}", timeout=backstop)
-            for where, sql in _numbered(statements):
+            for where, sql in numbered(statements):
                 # Uncached prepare: a statement after DDL in the same transaction must see the new shape.
                 with self._errors(limits.timeout_s, f"{where or 'statement'} failed, nothing was changed"):
                     prepared = await conn.prepare(sql, timeout=backstop)
@@ -327,20 +337,6 @@ async def _install_codecs(conn: asyncpg.Connection) -> None:
 
 def _encode_json(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
-
-
-def _check_params(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
-    if not statements:
-        raise UsageError("no SQL statement to run")
-    if params and len(statements) != 1:
-        raise UsageError(f"params need exactly one statement; this call has {len(statements)}")
-
-
-def _numbered(statements: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """(where, sql): `where` names the statement in messages when there are several."""
-    count = len(statements)
-    for index, sql in enumerate(statements, 1):
-        yield (f"statement {index} of {count}" if count > 1 else ""), sql
 
 
 def _timeout_sql(limits: Limits) -> str:

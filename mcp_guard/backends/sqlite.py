@@ -23,7 +23,17 @@ from typing import Any
 
 import aiosqlite
 
-from mcp_guard.backends.base import Backend, Column, ColumnInfo, Limits, ResultSet, TableInfo, WriteResult
+from mcp_guard.backends.base import (
+    Backend,
+    Column,
+    ColumnInfo,
+    Limits,
+    ResultSet,
+    TableInfo,
+    WriteResult,
+    check_call,
+    numbered,
+)
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
 from mcp_guard.values import JsonScalar, JsonValue, to_json_value
 
@@ -185,7 +195,7 @@ class SqliteBackend(Backend):
     async def read(
         self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
     ) -> list[ResultSet]:
-        _check_params(statements, params)
+        check_call(statements, params)
         results: list[ResultSet] = []
         async with self._reader(limits) as link:
             several = len(statements) > 1
@@ -193,7 +203,7 @@ class SqliteBackend(Backend):
                 with _errors(link.guard, limits.timeout_s):
                     await link.own("BEGIN")
             try:
-                for where, sql in _numbered(statements):
+                for where, sql in numbered(statements):
                     with _errors(link.guard, limits.timeout_s, where):
                         description, rows, _ = await link.run(sql, params, limits, limits.row_limit + 1)
                     results.append(_result_set(description, rows, limits))
@@ -206,7 +216,7 @@ class SqliteBackend(Backend):
     async def write(
         self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
     ) -> list[WriteResult]:
-        _check_params(statements, params)
+        check_call(statements, params)
         if self._writer is None:
             raise BackendError("the SQLite connection is not open")
         link = self._writer
@@ -215,7 +225,7 @@ class SqliteBackend(Backend):
             with _errors(link.guard, limits.timeout_s):
                 await link.own("BEGIN IMMEDIATE")
             try:
-                for where, sql in _numbered(statements):
+                for where, sql in numbered(statements):
                     with _errors(
                         link.guard, limits.timeout_s, f"{where or 'statement'} failed, nothing was changed"
                     ):
@@ -297,19 +307,6 @@ def _errors(guard: _Guard | None, timeout_s: float, where: str = "") -> Iterator
             scope = "read-only connection" if guard.read_only else "connection"
             raise BackendError(f"{prefix}not allowed on this {scope}: {guard.denied}") from error
         raise BackendError(f"{prefix}{error}") from error
-
-
-def _check_params(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
-    if not statements:
-        raise UsageError("no SQL statement to run")
-    if params and len(statements) != 1:
-        raise UsageError(f"params need exactly one statement; this call has {len(statements)}")
-
-
-def _numbered(statements: Sequence[str]) -> Iterator[tuple[str, str]]:
-    count = len(statements)
-    for index, sql in enumerate(statements, 1):
-        yield (f"statement {index} of {count}" if count > 1 else ""), sql
 
 
 def _result_set(description: Any, rows: list[tuple[Any, ...]], limits: Limits) -> ResultSet:
