@@ -155,7 +155,7 @@ async def test_audit_verify_names_the_first_edited_entry(tmp_path, sqlite_shop):
         await client.call("query", sql="SELECT 1")
         await client.call("query", sql="SELECT 2")
     db = sqlite3.connect(tmp_path / "audit.db")
-    db.execute("UPDATE audit SET body = replace(body, 'SELECT 2', 'SELECT 3') WHERE seq = 4")
+    db.execute("UPDATE audit SET body = CAST(replace(body, 'SELECT 2', 'SELECT 3') AS BLOB) WHERE seq = 4")
     db.commit()
     db.close()
     verified = audit_cli(tmp_path, "verify")
