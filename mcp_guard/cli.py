@@ -168,43 +168,48 @@ async def _calls(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows[-args.limit :] if args.limit else rows
 
 
+def _one_line(text: str, width: int) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def cmd_audit_list(args: argparse.Namespace) -> int:
     calls = asyncio.run(_calls(args))
     if args.json:
         print(json.dumps(calls, indent=2, ensure_ascii=False))
         return EXIT_OK
-    table = Table(title=f"{len(calls)} call(s)", title_justify="left")
-    for column in (
-        "seq",
-        "time (UTC)",
-        "identity",
-        "tool",
-        "conn",
-        "decision",
-        "rule",
-        "status",
-        "sql / reason",
-    ):
-        table.add_column(column, overflow="fold")
+    table = Table(title=f"{len(calls)} call(s)", title_justify="left", expand=False)
+    table.add_column("seq", justify="right", no_wrap=True)
+    table.add_column("time (UTC)", no_wrap=True)
+    table.add_column("identity", no_wrap=True)
+    table.add_column("tool", no_wrap=True)
+    table.add_column("decision (rule)")
+    table.add_column("sql / reason", ratio=1)
     for call in calls:
         request, outcome = call["request"], call["outcome"] or {}
         detail = outcome.get("detail", {})
         arguments = request["detail"].get("arguments", {})
-        what = str(arguments.get("sql") or arguments.get("table") or "")
+        what = escape(_one_line(str(arguments.get("sql") or arguments.get("table") or ""), 72))
         if arguments.get("reason"):
-            what += f"\n[dim]reason: {escape(str(arguments['reason']))}[/]"
-        decision = outcome.get("decision") or ""
-        colour = {"allow": "green", "deny": "red"}.get(decision, "yellow")
+            what += f"\n[dim]reason: {escape(_one_line(str(arguments['reason']), 64))}[/]"
+        connection = outcome.get("connection") or request.get("connection")
+        tool = request["tool"] + (f" [dim]@{escape(connection)}[/]" if connection else "")
+        if not outcome:
+            verdict = "[yellow]no outcome recorded[/]"
+        else:
+            decision = outcome.get("decision") or detail.get("status", "")
+            colour = {"allow": "green", "deny": "red"}.get(decision, "yellow")
+            rule = detail.get("decision", {}).get("rule")
+            verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
+            if detail.get("status") == "error":
+                verdict += " [yellow]error[/]"
         table.add_row(
             str(request["seq"]),
             request["ts"][:19].replace("T", " "),
             request["identity"],
-            request["tool"],
-            request.get("connection") or "",
-            f"[{colour}]{decision}[/]",
-            escape(str(detail.get("decision", {}).get("rule", ""))),
-            str(detail.get("status", "[yellow]no outcome recorded[/]")),
-            what if "[dim]" in what else escape(what),
+            tool,
+            verdict,
+            what,
         )
     Console().print(table)
     return EXIT_OK

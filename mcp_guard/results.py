@@ -50,7 +50,7 @@ def text_table(names: Sequence[str], rows: Sequence[Sequence[JsonValue]]) -> str
 
 
 def _footer(result: ResultSet, limits: Limits) -> str:
-    count = f"({result.row_count} row{'' if result.row_count == 1 else 's'}"
+    count = f"({_plural(result.row_count, 'row')}"
     if result.truncated_by == "rows":
         return f"{count}; truncated at the row limit of {limits.row_limit}: narrow the query for the rest)"
     if result.truncated_by == "bytes":
@@ -85,14 +85,16 @@ def query_result(call_id: str, connection: str, results: Sequence[ResultSet], li
     return ToolResult(call_id, "\n\n".join(blocks), structured)
 
 
+def _plural(count: int, noun: str) -> str:
+    return f"{count} {noun}{'' if count == 1 else 's'}"
+
+
 def execute_result(
     call_id: str, connection: str, results: Sequence[WriteResult], limits: Limits
 ) -> ToolResult:
     affected = sum(r.rows_affected or 0 for r in results)
-    lines = [
-        f"{r.status}" + (f" ({r.rows_affected} rows)" if r.rows_affected is not None else "") for r in results
-    ]
-    text = "\n".join(lines) + f"\nCommitted: {len(results)} statement(s), {affected} row(s) affected."
+    text = "\n".join(r.status for r in results)
+    text += f"\nCommitted: {_plural(len(results), 'statement')}, {_plural(affected, 'row')} affected."
     statements: list[JsonValue] = []
     for r in results:
         entry: dict[str, JsonValue] = {"status": r.status, "rows_affected": r.rows_affected}
