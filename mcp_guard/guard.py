@@ -93,7 +93,7 @@ class Guard:
         store = open_store(config.audit_url)
         await store.open()
         backends = {
-            name: open_backend(config.urls[name], pool_size=conn.pool_size)
+            name: open_backend(config.urls[name], pool_size=conn.pool_size, read_timeout_s=conn.timeout)
             for name, conn in config.settings.connections.items()
         }
         return cls(config, store, backends)

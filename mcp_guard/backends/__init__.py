@@ -11,11 +11,12 @@ from mcp_guard.redact import redact
 _URL_FORMS = "sqlite:///absolute/path.db or postgresql://user@host:port/database"
 
 
-def open_backend(url: str, *, pool_size: int = 4) -> Backend:
+def open_backend(url: str, *, pool_size: int = 4, read_timeout_s: float | None = None) -> Backend:
     """The backend for `url`, not yet connected (`await backend.open()` connects).
 
     `sqlite:///abs/path.db` (three slashes, then an absolute path) or `postgresql://...` /
     `postgres://...`; anything else is a ConfigError whose message never shows a password.
+    `read_timeout_s`, the connection's usual statement timeout, lets PostgreSQL reads start timed.
     """
     if pool_size < 1:
         raise ConfigError(f"pool_size must be at least 1, not {pool_size}")
@@ -34,5 +35,5 @@ def open_backend(url: str, *, pool_size: int = 4) -> Backend:
             urlsplit(url).port  # noqa: B018 - raises on a port that is not a number
         except ValueError as error:
             raise ConfigError(f"the port in {redact(url)!r} is not a number") from error
-        return PostgresBackend(url, pool_size=pool_size)
+        return PostgresBackend(url, pool_size=pool_size, read_timeout_s=read_timeout_s)
     raise ConfigError(f"unsupported database URL {redact(url)!r}: use {_URL_FORMS}")
