@@ -138,7 +138,10 @@ def test_link_binds_position_predecessor_and_bytes() -> None:
 @pytest.mark.parametrize(
     ("fields", "named"),
     [
-        ({"detail": {"rows": [{"amount": Decimal("1.50")}]}}, "detail.rows[0].amount holds a Decimal"),
+        (
+            {"detail": {"rows": [{"amount": Decimal("1.50")}]}},
+            "detail.rows[0].amount holds a value of type Decimal, which is not JSON",
+        ),
         ({"detail": {"ratio": math.nan}}, "detail.ratio holds nan"),
         ({"detail": {"note": "\ud800"}}, "detail.note holds text that is not valid Unicode"),
         ({"detail": {"ids": {1: "a", "b": 2}}}, "detail.ids has a key that is not text"),
@@ -188,6 +191,18 @@ async def test_concurrent_appends_are_each_recorded_once_in_call_order(store: Sq
     assert [r.event.detail["n"] for r in records] == list(range(50))
     assert [r.seq for r in records] == list(range(1, 51))
     assert (await store.verify()).ok
+
+
+async def test_an_event_that_cannot_be_encoded_fails_alone(store: SqliteStore) -> None:
+    results = await asyncio.gather(
+        store.append(event(1)),
+        store.append(event(2, detail={"at": object()})),
+        store.append(event(3)),
+        return_exceptions=True,
+    )
+    assert results[0] is None and results[2] is None
+    assert isinstance(results[1], AuditError) and "detail.at holds a value of type object" in str(results[1])
+    assert [r.event.call_id for r in await store.query(AuditFilter())] == ["call-1", "call-3"]
 
 
 async def test_every_filter_selects_exactly_the_matching_entries(store: SqliteStore) -> None:

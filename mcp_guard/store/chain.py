@@ -65,7 +65,7 @@ def _find_unencodable(value: object, path: str, seen: set[int]) -> tuple[str, st
     if value is None or isinstance(value, bool | int | float):
         return None
     if not isinstance(value, dict | list | tuple):
-        return path, f"holds a {type(value).__name__}, which is not a JSON value"
+        return path, f"holds a value of type {type(value).__name__}, which is not JSON"
     if id(value) in seen:
         return path, "contains itself"
     seen.add(id(value))

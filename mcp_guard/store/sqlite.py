@@ -104,9 +104,9 @@ _CAUSES = {
     "SQLITE_READONLY": "the file is read-only: check its permissions and owner, and its directory's",
     "SQLITE_FULL": "the disk is full",
     "SQLITE_IOERR": "the disk reported an I/O error",
-    "SQLITE_CORRUPT": "the file is damaged: move it aside, keep it for inspection, and a new store starts",
+    "SQLITE_CORRUPT": "the file is damaged: move it aside and keep it for inspection; a new store starts",
     "SQLITE_NOTADB": "the file is not an SQLite database: point the store at its own file or move it aside",
-    "SQLITE_CANTOPEN": "the file cannot be opened: check that its directory exists and is writable",
+    "SQLITE_CANTOPEN": "the file cannot be opened: check that it and its directory are writable by this user",
 }
 
 
@@ -155,7 +155,7 @@ class SqliteStore(Store):
                 raise self._error("cannot open it", exc) from exc
             raise
         self._closing = False
-        self._writer = asyncio.create_task(self._write_loop())
+        self._writer = asyncio.create_task(self._write_loop(self._db))
 
     async def _prepare(self, db: aiosqlite.Connection) -> None:
         await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -231,19 +231,20 @@ class SqliteStore(Store):
             )
 
     async def close(self) -> None:
-        if self._db is None:
+        if self._db is None or self._closing:
             return
         self._closing = True
         self._wake.set()
         if self._writer is not None:
             await self._writer
-            self._writer = None
         await self._db.close()
-        self._db = None
+        self._db, self._writer = None, None
 
     # appends ------------------------------------------------------------------------------------
 
     async def append(self, event: AuditEvent) -> None:
+        """Queue the entry for the writer and wait until it is committed. A caller cancelled while
+        waiting does not withdraw its entry: it may already be on its way to the disk."""
         body = chain.canonical(event)
         if self._db is None or self._closing:
             raise AuditError(f"audit store {self.path}: is not open; nothing can be recorded")
@@ -252,22 +253,21 @@ class SqliteStore(Store):
         self._wake.set()
         await done
 
-    async def _write_loop(self) -> None:
+    async def _write_loop(self, db: aiosqlite.Connection) -> None:
         """Write whatever is pending, batch after batch, until closed and drained."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._write(batch)
+                await self._write(db, batch)
             if self._closing:
                 return
 
-    async def _write(self, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
-        assert self._db is not None
+    async def _write(self, db: aiosqlite.Connection, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
         bodies = json.dumps([body for body, _ in batch], ensure_ascii=False)
         try:
-            await self._db.execute(_APPEND, (bodies, chain.GENESIS))
+            await db.execute(_APPEND, (bodies, chain.GENESIS))
         except Exception as exc:  # every failure is the waiting callers' to hear; the writer lives on
             action = (
                 "the entry was not recorded" if len(batch) == 1 else f"{len(batch)} entries were not recorded"
