@@ -120,6 +120,8 @@ def cmd_check(args: argparse.Namespace) -> int:
             )
         console.print(table)
         colour = "green" if decision.allowed else "red"
+        if decision.statement_index is not None and len(classification.statements) > 1:
+            console.print(f"statement {decision.statement_index + 1} decides the call")
         console.print(
             f"[{colour}]{tool}: {decision.action}[/] by rule [bold]{escape(decision.rule)}[/]: "
             f"{escape(decision.reason)}"
@@ -178,12 +180,15 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(calls, indent=2, ensure_ascii=False))
         return EXIT_OK
-    table = Table(title=f"{len(calls)} call(s)", title_justify="left", expand=False)
+    identities = sorted({call["request"]["identity"] for call in calls})
+    title = f"{len(calls)} call(s)" + (f" by {identities[0]}" if len(identities) == 1 else "")
+    table = Table(title=escape(title), title_justify="left", expand=False)
     table.add_column("seq", justify="right", no_wrap=True)
-    table.add_column("time (UTC)", no_wrap=True)
-    table.add_column("identity", no_wrap=True)
+    table.add_column("UTC", no_wrap=True)
+    if len(identities) > 1:
+        table.add_column("identity", no_wrap=True)
     table.add_column("tool", no_wrap=True)
-    table.add_column("decision (rule)")
+    table.add_column("decision (rule)", overflow="fold")
     table.add_column("sql / reason", ratio=1)
     for call in calls:
         request, outcome = call["request"], call["outcome"] or {}
@@ -203,14 +208,8 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
             if detail.get("status") == "error":
                 verdict += " [yellow]error[/]"
-        table.add_row(
-            str(request["seq"]),
-            request["ts"][:19].replace("T", " "),
-            request["identity"],
-            tool,
-            verdict,
-            what,
-        )
+        who = [request["identity"]] if len(identities) > 1 else []
+        table.add_row(str(request["seq"]), request["ts"][5:19].replace("T", " "), *who, tool, verdict, what)
     Console().print(table)
     return EXIT_OK
 
