@@ -147,6 +147,7 @@ def test_link_binds_position_predecessor_and_bytes() -> None:
         ({"detail": {"ids": {1: "a", "b": 2}}}, "detail.ids has a key that is not text"),
         ({"identity": 42}, "field identity must be text"),
         ({"tool": b"query"}, "field tool must be text or None"),
+        ({"session_id": "s\x001"}, "field session_id contains a NUL character"),
     ],
 )
 def test_an_event_json_cannot_hold_is_refused_naming_the_field(fields: dict[str, Any], named: str) -> None:
@@ -190,6 +191,15 @@ async def test_concurrent_appends_are_each_recorded_once_in_call_order(store: Sq
     records = await store.query(AuditFilter())
     assert [r.event.detail["n"] for r in records] == list(range(50))
     assert [r.seq for r in records] == list(range(1, 51))
+    assert (await store.verify()).ok
+
+
+async def test_indexed_text_with_quotes_escapes_and_emoji_is_found_and_verifies(store: SqliteStore) -> None:
+    odd = ['alice","identity":"eve', "back\\slash", "line\u2028break", "tab\there", "🔒", ""]
+    for n, text in enumerate(odd):
+        await store.append(event(n, session_id=text, identity=text or "x", tool=text, call_id=text))
+    for n, text in enumerate(odd):
+        assert [r.seq for r in await store.query(AuditFilter(session_id=text))] == [n + 1]
     assert (await store.verify()).ok
 
 
