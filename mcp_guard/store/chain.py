@@ -44,9 +44,8 @@ def canonical(event: AuditEvent) -> bytes:
         if not (isinstance(value, str) or (value is None and name not in _REQUIRED)):
             expected = "text" if name in _REQUIRED else "text or None"
             raise AuditError(f"audit event field {name} must be {expected}, not {type(value).__name__}")
-        if (
-            value is not None and "\x00" in value
-        ):  # SQLite's JSON functions cut text there; PostgreSQL refuses it
+        # SQLite's JSON functions cut text at a NUL, and PostgreSQL text cannot hold one
+        if value is not None and "\x00" in value:
             raise AuditError(f"audit event field {name} contains a NUL character, which cannot be indexed")
     try:
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
