@@ -1,9 +1,9 @@
 """The cost of the hash-chained SQLite audit store, as ratios against baselines measured in the same run.
 
-    python bench/bench_store.py [--appends 2000] [--entries 1000000]
+    python bench/bench_store.py [--appends 2000] [--rounds 3] [--entries 1000000]
 
-Prints, for synchronous=FULL and NORMAL: the append rate and p50 latency of sequential single
-appends and of 20 concurrent appenders (group commit), each against a plain un-chained sqlite3
+Prints, for synchronous=FULL and NORMAL: the append rate and p50/p99 latency of single appends one
+at a time and of 20 concurrent appenders (group commit), each against a plain un-chained sqlite3
 INSERT+COMMIT of the same bytes (and against aiosqlite INSERT+COMMIT, to show the thread hops);
 then the verification rate over --entries entries against a bare read of the same rows.
 """
@@ -36,7 +36,7 @@ WRITERS = 20
 
 
 def sample_event(n: int) -> AuditEvent:
-    """A request entry of typical size (about 600 bytes)."""
+    """A request entry of typical size (about 440 bytes)."""
     return AuditEvent(
         type=EventType.REQUEST,
         session_id="0b9a4c1e-5d6f-4e0a-9a43-0c1d2e3f4a5b",
