@@ -198,7 +198,8 @@ class SqliteStore(Store):
         return int(row[0]) if row else 0
 
     async def _create(self, db: aiosqlite.Connection) -> None:
-        tables = [row[0] for row in await db.execute_fetchall("SELECT name FROM sqlite_master")]
+        found = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type IN ('table', 'view')")
+        tables = [row[0] for row in found]
         if tables:
             raise AuditError(
                 f"audit store {self.path}: this SQLite file holds other data ({', '.join(sorted(tables))}) "
