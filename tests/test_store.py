@@ -327,6 +327,13 @@ async def test_an_edited_indexed_column_is_found(log20: Path, column: str, value
     assert report.first_bad_seq == 5
 
 
+async def test_only_the_first_of_several_breaks_is_named(log20: Path) -> None:
+    run_sql(log20, "DELETE FROM audit WHERE seq = 15", "UPDATE audit SET identity = 'eve' WHERE seq = 6")
+    report = await verify(log20)
+    assert (report.first_bad_seq, report.entries) == (6, 5)
+    assert report.problem == "entry 6: column identity says 'eve' but the hashed body says 'alice'"
+
+
 async def test_a_deleted_entry_is_found(log20: Path) -> None:
     run_sql(log20, "DELETE FROM audit WHERE seq = 10")
     report = await verify(log20)
