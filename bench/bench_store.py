@@ -139,7 +139,7 @@ async def bench_appends(work: Path, sync: Sync, count: int, rounds: int) -> None
     events = [sample_event(n) for n in range(count)]
     bodies = [chain.canonical(event) for event in events]
     runs: dict[str, list[Run]] = {"base": [], "hops": [], "sequential": [], "concurrent": []}
-    store = SqliteStore(work / f"audit-{sync}.db", synchronous=sync)
+    store = SqliteStore(work / f"audit-{sync}.db", durability="full" if sync == "FULL" else "normal")
     await store.open()
     try:
         for event in events[:50]:  # warm up: statement cache, WAL file

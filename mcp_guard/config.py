@@ -151,6 +151,8 @@ class AuditSettings(_Model):
     """Audit store: `sqlite:///path`; default: audit.db under MCP_GUARD_HOME."""
     response_cap: Annotated[int, Field(gt=0)] = 65_536
     """Characters of each response kept in the audit record."""
+    durability: Literal["full", "writes", "normal"] = "writes"
+    """Entries synced to disk before the call goes on: `writes` (execute calls), `full`, `normal`."""
 
 
 class Settings(_Model):

@@ -41,6 +41,8 @@ METADATA_RULE = "builtin:metadata"
 MAX_SQL_CHARS = 1_000_000
 MAX_PARAMS = 1_000
 MAX_RECORDED_ARGUMENTS = 2_000_000
+DURABLE_TOOLS = frozenset({"execute"})
+"""Calls that change data: their audit entries are synced to disk before the call goes on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -90,7 +92,7 @@ class Guard:
 
     @classmethod
     async def start(cls, config: Config) -> Guard:
-        store = open_store(config.audit_url)
+        store = open_store(config.audit_url, durability=config.settings.audit.durability)
         await store.open()
         backends = {
             name: open_backend(config.urls[name], pool_size=conn.pool_size, read_timeout_s=conn.timeout)
@@ -200,7 +202,8 @@ class Guard:
                     "client": ctx.client,
                     "groups": sorted(ctx.identity.groups),
                 },
-            )
+            ),
+            durable=tool in DURABLE_TOOLS,
         )
         started = time.perf_counter()
         status = "ok"
@@ -257,7 +260,8 @@ class Guard:
                 connection=call.connection,
                 decision=decision,
                 detail=detail,
-            )
+            ),
+            durable=call.tool in DURABLE_TOOLS,
         )
 
     def _connection(self, name: str | None) -> tuple[str, ConnectionSettings]:

@@ -569,3 +569,24 @@ def test_open_store_refuses_what_it_cannot_serve_without_echoing_secrets(url: st
     with pytest.raises(ConfigError, match=message) as raised:
         open_store(url)
     assert "hunter22" not in str(raised.value)
+
+
+@pytest.mark.parametrize("durability", ["writes", "full", "normal"])
+async def test_durable_and_ordinary_appends_share_one_chain_in_call_order(
+    tmp_path: Path, durability: str
+) -> None:
+    """Durable entries commit on a second, synced connection; the chain does not fork between them."""
+    store = SqliteStore(tmp_path / "audit.db", durability=durability)  # type: ignore[arg-type]
+    await store.open()
+    try:
+        await asyncio.gather(*(store.append(event(n), durable=n % 3 == 0) for n in range(30)))
+        records = await store.query(AuditFilter())
+        assert [r.event.detail["n"] for r in records] == list(range(30))
+        assert (await store.verify()) == VerifyReport(True, 30, records[-1].hash)
+    finally:
+        await store.close()
+
+
+def test_an_unknown_durability_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="durability must be full, writes or normal"):
+        SqliteStore(tmp_path / "audit.db", durability="sometimes")  # type: ignore[arg-type]

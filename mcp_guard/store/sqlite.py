@@ -9,13 +9,15 @@ BEGIN IMMEDIATE, so the head it reads cannot move under it, even with another pr
 to the same file; and it is atomic, so a failed batch leaves nothing behind. The indexed columns
 are extracted from the bodies by the same statement, so they match by construction.
 
-Durability: `synchronous="FULL"` (the default) syncs the WAL at every commit, so an entry that
-`append()` returned for survives a power cut or OS crash, which is what "the intent is recorded
-before the statement runs" promises. `"NORMAL"` skips that sync (the WAL is synced at
-checkpoints): entries survive a crash of mcp-guard but the newest may vanish on power loss,
-never corrupting the chain. Measured here (bench/bench_store.py): a lone append took about
-0.3-0.4 ms p50 with FULL and 0.12-0.19 ms with NORMAL; with 20 concurrent appenders group commit
-shares one sync among a batch (12,500/s FULL, 16,000/s NORMAL).
+Durability: a batch holding an entry appended with `durable=True` is committed on a connection
+with `synchronous=FULL`, which syncs the WAL at the commit, so the entry survives a power cut or
+an OS crash: the guard asks for it before a write runs, so "the intent is recorded before the
+statement runs" holds even then. Other batches commit with `synchronous=NORMAL` (the WAL is synced
+at checkpoints): they survive a crash of mcp-guard, but the newest may vanish on power loss, never
+corrupting the chain. `durability` overrides the choice: "full" syncs every batch, "normal" none.
+Measured here (bench/bench_store.py): a lone append took about 0.3-0.4 ms p50 with FULL and
+0.12-0.19 ms with NORMAL; through the server, two FULL appends per read cost 1.2 ms more per call
+than two NORMAL ones. With 20 concurrent appenders group commit shares one sync among a batch.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import os
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, TypeAlias
 
 import aiosqlite
 
@@ -35,6 +37,8 @@ from mcp_guard.store import chain
 from mcp_guard.store.base import AuditEvent, AuditFilter, AuditRecord, Store, VerifyReport
 
 SCHEMA_VERSION = 1
+
+Durability: TypeAlias = Literal["full", "writes", "normal"]
 
 _COLUMNS = (
     ("seq", "INTEGER"),
@@ -117,17 +121,18 @@ class SqliteStore(Store):
         self,
         path: Path,
         *,
-        synchronous: Literal["FULL", "NORMAL"] = "FULL",
+        durability: Durability = "writes",
         busy_timeout: float = 5.0,
     ) -> None:
-        if synchronous not in ("FULL", "NORMAL"):
-            raise ConfigError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
+        if durability not in ("full", "writes", "normal"):
+            raise ConfigError(f"durability must be full, writes or normal, not {durability!r}")
         self.path = path
-        self.synchronous = synchronous
+        self.durability = durability
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
+        self._synced_db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
+        self._pending: list[tuple[str, bool, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -142,27 +147,28 @@ class SqliteStore(Store):
                 os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         except OSError as exc:
             raise AuditError(f"audit store {self.path}: cannot create it: {exc.strerror}") from exc
+        opened: list[aiosqlite.Connection] = []
         try:
-            self._db = await aiosqlite.connect(self.path, isolation_level=None)
-        except sqlite3.Error as exc:
-            raise self._error("cannot open it", exc) from exc
-        try:
-            await self._prepare(self._db)
+            for synchronous in ("NORMAL", "FULL"):
+                db = await aiosqlite.connect(self.path, isolation_level=None)
+                opened.append(db)
+                await self._prepare(db, synchronous)
         except BaseException as exc:
-            await self._db.close()
-            self._db = None
+            for db in opened:
+                await db.close()
             if isinstance(exc, sqlite3.Error):
                 raise self._error("cannot open it", exc) from exc
             raise
+        self._db, self._synced_db = opened
         self._closing = False
-        self._writer = asyncio.create_task(self._write_loop(self._db))
+        self._writer = asyncio.create_task(self._write_loop())
 
-    async def _prepare(self, db: aiosqlite.Connection) -> None:
+    async def _prepare(self, db: aiosqlite.Connection, synchronous: str) -> None:
         await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
         # The file may come from anyone: its triggers and views must not call our functions.
         await db.execute("PRAGMA trusted_schema = OFF")
         await self._enter_wal(db)
-        await db.execute(f"PRAGMA synchronous = {self.synchronous}")
+        await db.execute(f"PRAGMA synchronous = {synchronous}")
         if await self._version(db) == 0:
             await db.execute("BEGIN IMMEDIATE")  # another process may be creating it right now
             try:
@@ -239,29 +245,36 @@ class SqliteStore(Store):
         if self._writer is not None:
             await self._writer
         await self._db.close()
-        self._db, self._writer = None, None
+        if self._synced_db is not None:
+            await self._synced_db.close()
+        self._db, self._synced_db, self._writer = None, None, None
 
     # appends ------------------------------------------------------------------------------------
 
-    async def append(self, event: AuditEvent) -> None:
+    async def append(self, event: AuditEvent, *, durable: bool = False) -> None:
         """Queue the entry for the writer and wait until it is committed. A caller cancelled while
         waiting does not withdraw its entry: it may already be on its way to the disk."""
         body = chain.canonical(event)
         if self._db is None or self._closing:
             raise AuditError(f"audit store {self.path}: is not open; nothing can be recorded")
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((body.decode(), done))
+        self._pending.append((body.decode(), durable, done))
         self._wake.set()
         await done
 
-    async def _write_loop(self, db: aiosqlite.Connection) -> None:
+    async def _write_loop(self) -> None:
         """Write whatever is pending, batch after batch, until closed and drained."""
         while True:
             await self._wake.wait()
             self._wake.clear()
             while self._pending:
                 batch, self._pending = self._pending, []
-                await self._write(db, batch)
+                synced = self.durability == "full" or (
+                    self.durability == "writes" and any(durable for _, durable, _ in batch)
+                )
+                db = self._synced_db if synced else self._db
+                assert db is not None
+                await self._write(db, [(body, done) for body, _, done in batch])
             if self._closing:
                 return
 
