@@ -27,25 +27,37 @@ def error_result(message: str, call_id: str) -> ToolResult:
     return ToolResult(call_id, f"{message}\n(call {call_id} was recorded in the audit log)", is_error=True)
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def _cell(value: JsonValue) -> str:
-    if value is None:
+    """One value as the text table shows it: on one line, at most _CELL_WIDTH characters."""
+    kind = type(value)
+    if kind is str:
+        text: str = value  # type: ignore[assignment]
+        if "\\" in text or "\n" in text or "\r" in text or "\t" in text:
+            text = text.translate(_ESCAPES)
+    elif kind is int or kind is float:
+        text = repr(value)
+    elif value is None:
         text = "NULL"
-    elif isinstance(value, str):
-        text = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    elif kind is bool:
+        text = "true" if value else "false"
     else:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
 def text_table(names: Sequence[str], rows: Sequence[Sequence[JsonValue]]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
+    """A compact table: a header, a rule, one line per row, columns padded to their widest cell."""
+    cells = [[_cell(value) for value in row] for row in rows]
     widths = [len(name) for name in names]
+    for index, column in enumerate(zip(*cells, strict=True)):
+        widths[index] = max(widths[index], max(map(len, column)))
+    lines = [" | ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)).rstrip()]
+    lines.append("-+-".join("-" * width for width in widths))
     for row in cells:
-        for i, text in enumerate(row):
-            widths[i] = max(widths[i], len(text))
-    lines = [" | ".join(name.ljust(w) for name, w in zip(names, widths, strict=True)).rstrip()]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines.extend(" | ".join(t.ljust(w) for t, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+        lines.append(" | ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
     return "\n".join(lines)
 
 
