@@ -12,10 +12,11 @@ from typing import Annotated, Any
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.session import ServerSession
+from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import Field
 
-from mcp_guard import __version__
+from mcp_guard import __version__, stdio
 from mcp_guard.guard import CallContext, Guard
 from mcp_guard.identity import Identity
 from mcp_guard.results import ToolResult
@@ -162,6 +163,12 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
 async def serve_stdio(guard: Guard, identity: Identity) -> None:
     server, session = build_server(guard, identity)
     try:
-        await server.run_stdio_async()
+        if not stdio.usable():
+            await server.run_stdio_async()
+            return
+        # What MCPServer.run_stdio_async does, over event-loop pipes instead of thread-wrapped files.
+        lowlevel = server._lowlevel_server
+        async with stdio.pipe_stdio() as (lines, out), stdio_server(lines, out) as (read, write):  # type: ignore[arg-type]
+            await lowlevel.run(read, write, lowlevel.create_initialization_options())
     finally:
         await session.end()
