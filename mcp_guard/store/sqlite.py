@@ -1,13 +1,17 @@
 """The audit store in one SQLite file (WAL), safe for several processes appending at once.
 
-Appends go through one writer task. It takes every append queued at that moment (group commit)
-and records them with ONE statement, in one trip to aiosqlite's thread (a trip cost 20-180 µs
-here, depending on load): the bodies travel as one JSON array, and a recursive CTE links them
+Every append is ONE statement: the bodies travel as one JSON array, and a recursive CTE links them
 onto the current head with `audit_link()` (`chain.link`, registered as an SQL function). A single
 writing statement takes SQLite's write lock when it starts and commits when it ends, like
 BEGIN IMMEDIATE, so the head it reads cannot move under it, even with another process appending
 to the same file; and it is atomic, so a failed batch leaves nothing behind. The indexed columns
 are extracted from the bodies by the same statement, so they match by construction.
+
+Where it runs: with nothing else being written, an entry that need not be synced is appended on
+the event loop itself, on a connection that never waits for the lock (about 55 µs p50 here, where
+a trip to aiosqlite's thread made it 110 µs). When the lock is taken, or appends queue up, or the
+entry must be synced, one writer task takes every append queued at that moment (group commit) and
+writes them in one statement through aiosqlite's thread, which waits for the lock.
 
 Durability: a batch holding an entry appended with `durable=True` is committed on a connection
 with `synchronous=FULL`, which syncs the WAL at the commit, so the entry survives a power cut or
@@ -131,6 +135,8 @@ class SqliteStore(Store):
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._synced_db: aiosqlite.Connection | None = None
+        self._inline: sqlite3.Connection | None = None
+        self._writing = False
         self._writer: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, bool, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
@@ -160,8 +166,23 @@ class SqliteStore(Store):
                 raise self._error("cannot open it", exc) from exc
             raise
         self._db, self._synced_db = opened
+        try:
+            self._inline = self._inline_connection()
+        except sqlite3.Error as exc:
+            for db in opened:
+                await db.close()
+            self._db = self._synced_db = None
+            raise self._error("cannot open it", exc) from exc
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop())
+
+    def _inline_connection(self) -> sqlite3.Connection:
+        """The event loop's own connection: it never waits for a lock (timeout 0), never syncs."""
+        db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
+        db.execute("PRAGMA trusted_schema = OFF")
+        db.execute("PRAGMA synchronous = NORMAL")
+        db.create_function("audit_link", 3, chain.link, deterministic=True)
+        return db
 
     async def _prepare(self, db: aiosqlite.Connection, synchronous: str) -> None:
         await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
@@ -247,41 +268,71 @@ class SqliteStore(Store):
         await self._db.close()
         if self._synced_db is not None:
             await self._synced_db.close()
-        self._db, self._synced_db, self._writer = None, None, None
+        if self._inline is not None:
+            self._inline.close()
+        self._db, self._synced_db, self._inline, self._writer = None, None, None, None
 
     # appends ------------------------------------------------------------------------------------
 
     async def append(self, event: AuditEvent, *, durable: bool = False) -> None:
-        """Queue the entry for the writer and wait until it is committed. A caller cancelled while
-        waiting does not withdraw its entry: it may already be on its way to the disk."""
-        body = chain.canonical(event)
+        """Append and return once committed. With the writer idle, an entry that need not be synced
+        is appended right here on the event loop, without waiting for the lock: the statement takes
+        tens of µs, less than a trip to aiosqlite's thread. Otherwise it joins the writer's next
+        batch. A caller cancelled while waiting does not withdraw its entry: it may already be on
+        its way to the disk."""
+        body = chain.canonical(event).decode()
         if self._db is None or self._closing:
             raise AuditError(f"audit store {self.path}: is not open; nothing can be recorded")
+        if not self._pending and not self._writing and not self._synced(durable):
+            try:
+                if self._append_inline(json.dumps([body], ensure_ascii=False)):
+                    return
+            except sqlite3.Error as exc:
+                raise self._error("the entry was not recorded", exc) from exc
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((body.decode(), durable, done))
+        self._pending.append((body, durable, done))
         self._wake.set()
         await done
+
+    def _synced(self, durable: bool) -> bool:
+        return self.durability == "full" or (self.durability == "writes" and durable)
+
+    def _append_inline(self, bodies: str) -> bool:
+        """True when appended; False when another writer held the lock (nothing was written)."""
+        assert self._inline is not None
+        try:
+            self._inline.execute(_APPEND, (bodies, chain.GENESIS))
+        except sqlite3.OperationalError as exc:
+            if exc.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED"):
+                return False
+            raise
+        return True
 
     async def _write_loop(self) -> None:
         """Write whatever is pending, batch after batch, until closed and drained."""
         while True:
             await self._wake.wait()
             self._wake.clear()
-            while self._pending:
-                batch, self._pending = self._pending, []
-                synced = self.durability == "full" or (
-                    self.durability == "writes" and any(durable for _, durable, _ in batch)
-                )
-                db = self._synced_db if synced else self._db
-                assert db is not None
-                await self._write(db, [(body, done) for body, _, done in batch])
+            self._writing = True
+            try:
+                while self._pending:
+                    batch, self._pending = self._pending, []
+                    synced = any(self._synced(durable) for _, durable, _ in batch)
+                    await self._write(synced, [(body, done) for body, _, done in batch])
+            finally:
+                self._writing = False
             if self._closing:
                 return
 
-    async def _write(self, db: aiosqlite.Connection, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
+    async def _write(self, synced: bool, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
+        """One batch in one statement: on the synced connection, or on the unsynced one through
+        aiosqlite's thread, which waits for the lock up to the busy timeout."""
         bodies = json.dumps([body for body, _ in batch], ensure_ascii=False)
         try:
-            await db.execute(_APPEND, (bodies, chain.GENESIS))
+            if synced or not self._append_inline(bodies):
+                db = self._synced_db if synced else self._db
+                assert db is not None
+                await db.execute(_APPEND, (bodies, chain.GENESIS))
         except Exception as exc:  # every failure is the waiting callers' to hear; the writer lives on
             action = (
                 "the entry was not recorded" if len(batch) == 1 else f"{len(batch)} entries were not recorded"
