@@ -50,14 +50,16 @@ def _cell(value: JsonValue) -> str:
 
 def text_table(names: Sequence[str], rows: Sequence[Sequence[JsonValue]]) -> str:
     """A compact table: a header, a rule, one line per row, columns padded to their widest cell."""
-    cells = [[_cell(value) for value in row] for row in rows]
-    widths = [len(name) for name in names]
-    for index, column in enumerate(zip(*cells, strict=True)):
-        widths[index] = max(widths[index], max(map(len, column)))
-    lines = [" | ".join(name.ljust(width) for name, width in zip(names, widths, strict=True)).rstrip()]
-    lines.append("-+-".join("-" * width for width in widths))
-    for row in cells:
-        lines.append(" | ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip())
+    columns = (
+        [list(map(_cell, column)) for column in zip(*rows, strict=True)] if rows else [[] for _ in names]
+    )
+    widths = [
+        max(len(name), max(map(len, column), default=0)) for name, column in zip(names, columns, strict=True)
+    ]
+    # One format call per line: padding and joining happen in C, not once per cell in Python.
+    line = " | ".join(f"{{:<{width}}}" for width in widths)
+    lines = [line.format(*names).rstrip(), "-+-".join("-" * width for width in widths)]
+    lines.extend(line.format(*cells).rstrip() for cells in zip(*columns, strict=True))
     return "\n".join(lines)
 
 
