@@ -245,6 +245,45 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_audit_unseal(args: argparse.Namespace) -> int:
+    """The originals of one call's masked values, opened with the audit key from the environment."""
+    from mcp_guard.seal import load_key, unseal
+    from mcp_guard.store.base import AuditFilter, EventType
+
+    async def run() -> Any:
+        store = _store_for(args)
+        await store.open()
+        try:
+            return await store.query(AuditFilter(call_id=args.call_id, type=EventType.OUTCOME))
+        finally:
+            await store.close()
+
+    records = asyncio.run(run())
+    if not records:
+        raise UsageError(f"no outcome recorded for call {args.call_id}")
+    originals = records[-1].event.detail.get("masking", {}).get("originals")
+    if not originals:
+        raise UsageError(f"call {args.call_id} kept no originals (masking.originals was none, or nothing was masked)")
+    if originals.get("mode") != "sealed":
+        raise UsageError(f"call {args.call_id} kept keyed digests only: they can be checked, not opened")
+    opened = unseal(load_key(args.key_env), args.call_id, originals)
+    if args.json:
+        print(json.dumps(opened, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    console = Console()
+    for number, statement in enumerate(opened, 1):
+        table = Table(title=f"statement {number}: originals of masked columns", title_justify="left")
+        for column in statement["columns"]:
+            table.add_column(escape(column))
+        for row in statement["rows"]:
+            table.add_row(*(escape(json.dumps(value, ensure_ascii=False)) for value in row))
+        if statement["columns"]:
+            console.print(table)
+        for row, column, original in statement["detected"]:
+            console.print(f"row {row + 1}, {escape(column)}: {escape(json.dumps(original, ensure_ascii=False))}")
+    return EXIT_OK
+
+
 # demo -------------------------------------------------------------------------------------------
 
 
@@ -328,6 +367,12 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_audit_list)
     verify = with_store(audit_commands.add_parser("verify", help="check the hash chain"))
     verify.set_defaults(handler=cmd_audit_verify)
+    unseal = with_store(audit_commands.add_parser("unseal", help="open the sealed originals of a call"))
+    unseal.add_argument("call_id")
+    unseal.add_argument(
+        "--key-env", default="MCP_GUARD_AUDIT_KEY", help="variable holding the audit key (default: %(default)s)"
+    )
+    unseal.set_defaults(handler=cmd_audit_unseal)
     return parser
 
 

@@ -543,7 +543,8 @@ class Guard:
         key = (name, ctx.identity.groups)
         plan = self._plans.get(key)
         if plan is None or plan.catalog is not catalog:
-            plan = MaskPlan(self.masking, self.masking.rules_for(name, ctx.identity.groups), catalog)
+            rules = self.masking.rules_for(name, ctx.identity.groups)
+            plan = MaskPlan(self.masking, rules, catalog, self.masking.rules_for(name, frozenset()))
             self._plans[key] = plan
         return plan
 
@@ -553,8 +554,10 @@ class Guard:
         """Refuse what masking cannot vouch for, then rewrite each read over masked relations."""
         statements = classification.statements
         if not self.masking.rules_for(name, ctx.identity.groups):
-            catalog = await self._catalog(name) if self.config.settings.masking.detector_exclude else None
-            return _MaskedReads(None, catalog, (None,) * len(statements))
+            # Lineage still serves the detectors: excluded columns, columns a rule lets this caller see.
+            needs_lineage = self.config.settings.masking.detector_exclude or self.masking.rules_for(name, frozenset())
+            plan = await self._plan(ctx, name) if needs_lineage else None
+            return _MaskedReads(plan, plan.catalog if plan else None, (None,) * len(statements))
         plan = await self._plan(ctx, name)
         for index, statement in enumerate(statements):
             reason = self._blind_spot(plan, statement, len(params))

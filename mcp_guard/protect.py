@@ -95,6 +95,9 @@ def protect(
         output = outputs[index] if outputs is not None and len(outputs) == len(names) else None
         if note.mask is not None and output is not None and output.direct is not None:
             continue  # mask output only
+        if note.mask is None and output is not None and output.direct is not None and plan is not None:
+            if plan.governed(output.direct):
+                continue  # a rule decided this column, and it lets this caller see it clear
         if excluded and output is not None and not output.unresolved and output.sources:
             if all(column_matches(excluded, source.relation, source.column) for source in output.sources):
                 continue
@@ -104,7 +107,7 @@ def protect(
     for finding in findings:
         kinds.setdefault(finding.column, {}).update(dict.fromkeys(finding.kinds))
     notes = [
-        ColumnNote(n.name, n.mask, n.sources, n.unresolved, tuple(kinds.get(i, {})))
+        ColumnNote(n.name, n.mask, n.sources, n.unresolved, tuple(kinds.get(i, {})), n.derived)
         for i, n in enumerate(notes)
     ]
     return Protected(tuple(notes), tuple(findings))

@@ -11,7 +11,7 @@ its definition with column lineage (see docs/architecture.md for why views are w
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import sqlglot
 from sqlglot import exp
@@ -32,10 +32,18 @@ VIEW_RULE = "builtin:view-lineage"
 class MaskPlan:
     """What one caller sees masked on one connection: per relation, its masked columns."""
 
-    def __init__(self, masking: Masking, rules: tuple[MaskRule, ...], catalog: Catalog) -> None:
+    def __init__(
+        self,
+        masking: Masking,
+        rules: tuple[MaskRule, ...],
+        catalog: Catalog,
+        governing: tuple[MaskRule, ...] = (),
+    ) -> None:
         self.masking = masking
         self.rules = rules
         self.catalog = catalog
+        self.governing = governing
+        """Every rule of the connection, the caller's exceptions included."""
         self._masks: dict[tuple[str, str], dict[str, ColumnMask]] = {}
         self._busy: set[tuple[str, str]] = set()
 
@@ -62,6 +70,10 @@ class MaskPlan:
             masks = self.masking.table_masks(self.rules, relation)
         self._masks[key] = masks
         return masks
+
+    def governed(self, source: Source) -> bool:
+        """Whether some rule names this table column, even one that lets this caller see it clear."""
+        return source.column in self.masking.table_masks(self.governing, source.relation)
 
     def source_mask(self, source: Source) -> ColumnMask | None:
         return self.masks(source.relation).get(source.column)
@@ -115,9 +127,9 @@ class Rewritten:
     """A read with its masked sources, ready to run."""
 
     sql: str
-    bound: tuple[str, ...]
+    bound: tuple[str, ...] = field(repr=False)
     """Parameters to bind after the caller's (the HMAC key halves on PostgreSQL)."""
-    relations: tuple[str, ...]
+    relations: tuple[str, ...] = ()
     """Relations that were replaced by masked derived tables."""
 
 

@@ -49,9 +49,7 @@ strategy = "redact"
 KEY = "11" * 32
 VIEW = "CREATE VIEW masking_contacts AS SELECT c.id, c.name, c.email AS contact, upper(c.ssn) AS ident FROM customers c"
 
-_EMBEDDED = re.compile(
-    r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[a-z]{2,}|\+1-202-555-[0-9]{4}|\b[0-9]{13,19}\b"
-)
+_EMBEDDED = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[a-z]{2,}|\+1-202-555-[0-9]{4}|\b[0-9]{13,19}\b")
 
 
 def sensitive_values() -> list[str]:
@@ -126,7 +124,13 @@ async def test_no_masked_value_reaches_the_model_on_sqlite(tmp_path, sqlite_shop
 
 def test_the_leak_check_itself_finds_every_trivial_form():
     ssn = next(v for v in FORMS if re.fullmatch(r"[0-9]{3}-[0-9]{2}-[0-9]{4}", v))
-    for shown in (ssn, ssn[::-1], ssn.replace("-", ""), base64.b64encode(ssn.encode()).decode(), ssn.encode().hex()):
+    for shown in (
+        ssn,
+        ssn[::-1],
+        ssn.replace("-", ""),
+        base64.b64encode(ssn.encode()).decode(),
+        ssn.encode().hex(),
+    ):
         assert leaks(Reply(text=f"x {shown} y", structured=None, is_error=False)), shown
     assert not leaks(Reply(text="***-**-1234 [masked]", structured=None, is_error=False))
 
@@ -134,6 +138,12 @@ def test_the_leak_check_itself_finds_every_trivial_form():
 @pytest.mark.parametrize("dialect", ["postgres", "sqlite"])
 def test_the_corpora_cover_every_form_the_issue_names(dialect):
     text = "\n".join(case.sql for case in load(dialect)).lower()
-    common = ["union", "with ", "order by", "group_concat" if dialect == "sqlite" else "row_to_json", "select *"]
+    common = [
+        "union",
+        "with ",
+        "order by",
+        "group_concat" if dialect == "sqlite" else "row_to_json",
+        "select *",
+    ]
     for needle in common:
         assert needle in text, needle
