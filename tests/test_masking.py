@@ -295,3 +295,29 @@ def test_masks_agree_between_python_and_their_sql(tmp_path):
     masking = Masking(DEMO_MASKING, b"k" * 32)
     assert masking.mask_value(ColumnMask("hash", "r"), "x") == masking.hash_value("x")
     assert masking.mask_value(ColumnMask("redact", "r"), "x") == "[masked]"
+
+
+def test_check_shows_the_masked_sql_and_each_columns_lineage(tmp_path, sqlite_shop):
+    config = _config(tmp_path, sqlite_shop)
+    sql = "SELECT upper(c.email) AS e, c.name FROM customers c"
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "check", sql, "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TEST_MASK_KEY": KEY, "PATH": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads(done.stdout)["masking"]
+    assert "MCP_GUARD_PARTIAL" in entry["rewritten"]
+    columns = {c["name"]: c for c in entry["columns"]}
+    assert columns["e"]["strategy"] == "derived" and columns["e"]["sources"] == ["main.customers.email"]
+    assert columns["name"]["masked"] is False
+    refused = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "check", "SELECT * FROM sqlite_stat1", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TEST_MASK_KEY": KEY, "PATH": ""},
+    )
+    assert refused.returncode == 1 and "masking refuses" in refused.stdout
