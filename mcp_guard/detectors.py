@@ -17,6 +17,7 @@ import binascii
 import ipaddress
 import json
 import re
+from bisect import bisect_right
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -146,22 +147,39 @@ class Detectors:
         findings: list[Finding] = []
         for column in columns:
             texts = [row[column] for row in rows]
-            strings = [value if isinstance(value, str) else "" for value in texts]
-            if not any(isinstance(value, dict | list) for value in texts):
-                if self._pattern.search(_SEPARATOR.join(strings)) is None:
-                    continue
-            for index, value in enumerate(texts):
-                if value is None or isinstance(value, bool | float):
-                    continue
+            for index in self._candidates(texts):
+                value = texts[index]
                 if isinstance(value, int):
-                    if value < 10**12:
-                        continue
                     value = str(value)
                 masked, kinds = self._value(value)
                 if kinds:
                     findings.append(Finding(index, column, kinds, rows[index][column]))
                     rows[index][column] = masked
         return findings
+
+    def _candidates(self, values: list[JsonValue]) -> list[int]:
+        """Rows whose value may hold a finding: one pass over the column's strings joined, then the
+        row of each match found by its offset; JSON values and long integers always."""
+        assert self._pattern is not None
+        strings: list[str] = []
+        starts: list[int] = []
+        always: list[int] = []
+        offset = 0
+        for index, value in enumerate(values):
+            if isinstance(value, str):
+                starts.append(offset)
+                strings.append(value)
+                offset += len(value) + 1
+            elif isinstance(value, dict | list) or (
+                isinstance(value, int) and not isinstance(value, bool) and value >= 10**12
+            ):
+                always.append(index)
+        rows = [index for index, value in enumerate(values) if isinstance(value, str)]
+        hits = {
+            rows[bisect_right(starts, match.start()) - 1]
+            for match in self._pattern.finditer(_SEPARATOR.join(strings))
+        }
+        return sorted(hits.union(always))
 
     def _value(self, value: JsonValue) -> tuple[JsonValue, tuple[str, ...]]:
         """Strings, and the strings (keys too) inside JSON values."""
