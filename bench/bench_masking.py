@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from mcp_guard.backends.base import DbSchema, Relation  # noqa: E402
 from mcp_guard.catalog import Catalog  # noqa: E402
 from mcp_guard.classify import classify  # noqa: E402
-from mcp_guard.config import MaskingSettings, MaskRule, Settings, build_config, parse_settings  # noqa: E402
+from mcp_guard.config import MaskingSettings, MaskRule, build_config, parse_settings  # noqa: E402
 from mcp_guard.guard import CallContext, Guard  # noqa: E402
 from mcp_guard.identity import local_identity  # noqa: E402
 from mcp_guard.lineage import lineage  # noqa: E402
@@ -181,7 +181,8 @@ async def bench_reads(url: str, n: int) -> None:
             ratio = masked / plain
             verdict = "ok" if ratio < 1.5 else "OVER"
             print(
-                f"{label}: {ROWS:,} rows x 8 columns: unmasked p50 {plain:.1f} ms, masked (3 columns, detectors on"
+                f"{label}: {ROWS:,} rows x 8 columns: unmasked p50 {plain:.1f} ms, masked"
+                " (3 columns, detectors on"
                 f" notes) p50 {masked:.1f} ms: ratio {ratio:.2f} (target < 1.5: {verdict})"
             )
     conn = await asyncpg.connect(url)

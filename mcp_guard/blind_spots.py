@@ -105,7 +105,8 @@ def blind_spot(
         return _opaque(statement, catalog, masks_of)
     for node in tree.find_all(exp.Dot):
         if isinstance(node.expression, exp.Func) and node.this.name.lower() != "pg_catalog":
-            return f"{node.sql(catalog.dialect)[:80]}: schema-qualified functions are not allowed while masking applies"
+            where = node.sql(catalog.dialect)[:80]
+            return f"{where}: schema-qualified functions are not allowed while masking applies"
     for node in tree.find_all(exp.Parameter, exp.Placeholder):
         number = node.this.name if isinstance(node.this, exp.Literal) else node.name
         if number.isdigit() and int(number) > param_count:
@@ -114,13 +115,17 @@ def blind_spot(
         name = catalog.name_of(table)
         if name is None:
             if isinstance(table.this, exp.Identifier):
-                return f"{table.sql(catalog.dialect)[:80]}: names with a database part are not allowed while masking applies"
+                where = table.sql(catalog.dialect)[:80]
+                return f"{where}: names with a database part are not allowed while masking applies"
             continue  # a table function: its name was checked with the functions
         if refers_to_cte(table, catalog.dialect):
             continue
         relation = catalog.find(name)
         if relation is None:
-            return f"table {name} is not in the schema mcp-guard read from the database, so masking cannot vouch for it"
+            return (
+                f"table {name} is not in the schema mcp-guard read from the database, "
+                "so masking cannot vouch for it"
+            )
         if relation.name.lower() in DATA_CATALOGS:
             return f"{relation.qualified_name} holds copies of column values (statistics or query texts)"
     return None

@@ -340,7 +340,9 @@ def cmd_audit_unseal(args: argparse.Namespace) -> int:
         raise UsageError(f"no outcome recorded for call {args.call_id}")
     originals = records[-1].event.detail.get("masking", {}).get("originals")
     if not originals:
-        raise UsageError(f"call {args.call_id} kept no originals (masking.originals was none, or nothing was masked)")
+        raise UsageError(
+            f"call {args.call_id} kept no originals (masking.originals was none, or nothing was masked)"
+        )
     if originals.get("mode") != "sealed":
         raise UsageError(f"call {args.call_id} kept keyed digests only: they can be checked, not opened")
     opened = unseal(load_key(args.key_env), args.call_id, originals)
@@ -357,7 +359,8 @@ def cmd_audit_unseal(args: argparse.Namespace) -> int:
         if statement["columns"]:
             console.print(table)
         for row, column, original in statement["detected"]:
-            console.print(f"row {row + 1}, {escape(column)}: {escape(json.dumps(original, ensure_ascii=False))}")
+            shown = escape(json.dumps(original, ensure_ascii=False))
+            console.print(f"row {row + 1}, {escape(column)}: {shown}")
     return EXIT_OK
 
 
@@ -447,7 +450,9 @@ def build_parser() -> argparse.ArgumentParser:
     unseal = with_store(audit_commands.add_parser("unseal", help="open the sealed originals of a call"))
     unseal.add_argument("call_id")
     unseal.add_argument(
-        "--key-env", default="MCP_GUARD_AUDIT_KEY", help="variable holding the audit key (default: %(default)s)"
+        "--key-env",
+        default="MCP_GUARD_AUDIT_KEY",
+        help="variable holding the audit key (default: %(default)s)",
     )
     unseal.set_defaults(handler=cmd_audit_unseal)
     return parser

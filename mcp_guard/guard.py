@@ -153,7 +153,9 @@ class Guard:
         store = open_store(config.audit_url)
         await store.open()
         backends = {
-            name: open_backend(config.urls[name], pool_size=conn.pool_size, functions=masking.sqlite_functions())
+            name: open_backend(
+                config.urls[name], pool_size=conn.pool_size, functions=masking.sqlite_functions()
+            )
             for name, conn in config.settings.connections.items()
         }
         return cls(config, store, backends, masking)
@@ -431,7 +433,9 @@ class Guard:
             ],
         }
         return ToolResult(
-            call.call_id, text_table(["column", "type", "nullable", "primary key", "masked"], rows), structured
+            call.call_id,
+            text_table(["column", "type", "nullable", "primary key", "masked"], rows),
+            structured,
         )
 
     async def _described_masks(self, ctx: CallContext, name: str, table: str) -> dict[str, Any]:
@@ -517,7 +521,8 @@ class Guard:
             results = await backend.read(texts, params, conn.limits)
         results, raw = results[: len(statements)], results[len(statements) :]
         protected = [
-            self._protect(reads, statement, result) for statement, result in zip(statements, results, strict=True)
+            self._protect(reads, statement, result)
+            for statement, result in zip(statements, results, strict=True)
         ]
         call.summary = {
             "rows": [r.row_count for r in results],
@@ -555,7 +560,9 @@ class Guard:
         statements = classification.statements
         if not self.masking.rules_for(name, ctx.identity.groups):
             # Lineage still serves the detectors: excluded columns, columns a rule lets this caller see.
-            needs_lineage = self.config.settings.masking.detector_exclude or self.masking.rules_for(name, frozenset())
+            needs_lineage = self.config.settings.masking.detector_exclude or self.masking.rules_for(
+                name, frozenset()
+            )
             plan = await self._plan(ctx, name) if needs_lineage else None
             return _MaskedReads(plan, plan.catalog if plan else None, (None,) * len(statements))
         plan = await self._plan(ctx, name)
@@ -609,7 +616,9 @@ class Guard:
         if self._audit_key is not None and mode != "none":
             unmasked: list[ResultSet | None] = list(raw) if raw else [None] * len(protected)
             if any(p.masked for p in protected):
-                summary["originals"] = originals_record(mode, self._audit_key, call.call_id, protected, unmasked)
+                summary["originals"] = originals_record(
+                    mode, self._audit_key, call.call_id, protected, unmasked
+                )
         return summary
 
     async def _execute(self, ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
@@ -625,7 +634,8 @@ class Guard:
         results = await backend.write(
             [s.text for s in classification.statements], args["params"], conn.limits
         )
-        if any(s.kind is not StatementKind.READ and s.kind is not StatementKind.WRITE for s in classification.statements):
+        kinds = {s.kind for s in classification.statements}
+        if kinds - {StatementKind.READ, StatementKind.WRITE}:
             self._catalogs.pop(name, None)  # DDL may have changed what masking must know
         detections = 0
         for result in results:

@@ -236,14 +236,18 @@ def partial_value(value: object, kind: str) -> str | None:
 _PG_PARTIAL = {
     "email": "CASE WHEN {c} IS NULL THEN NULL WHEN strpos({t}, '@') > 0 "
     "THEN '***@' || split_part({t}, '@', 2) ELSE '{m}' END",
-    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 12 THEN '**** ' || right({d}, 4) ELSE '{m}' END",
-    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 7 THEN '***' || right({d}, 2) ELSE '{m}' END",
-    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 8 THEN '***-**-' || right({d}, 4) ELSE '{m}' END",
+    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 12 "
+    "THEN '**** ' || right({d}, 4) ELSE '{m}' END",
+    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 7 "
+    "THEN '***' || right({d}, 2) ELSE '{m}' END",
+    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 8 "
+    "THEN '***-**-' || right({d}, 4) ELSE '{m}' END",
     "iban": "CASE WHEN {c} IS NULL THEN NULL WHEN length({x}) >= 15 "
     "THEN left({x}, 2) || '** **** ' || right({x}, 4) ELSE '{m}' END",
     "ip": "CASE WHEN {c} IS NULL THEN NULL WHEN {t} ~ '^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+' "
     "THEN split_part({t}, '.', 1) || '.' || split_part({t}, '.', 2) || '.x.x' ELSE '{m}' END",
-    "secret": "CASE WHEN {c} IS NULL THEN NULL WHEN length({t}) >= 12 THEN left({t}, 4) || '***' ELSE '{m}' END",
+    "secret": "CASE WHEN {c} IS NULL THEN NULL WHEN length({t}) >= 12 "
+    "THEN left({t}, 4) || '***' ELSE '{m}' END",
     "": "CASE WHEN {c} IS NULL THEN NULL WHEN length({t}) >= 8 THEN '***' || right({t}, 4) ELSE '{m}' END",
 }
 _PG_PARTIAL["national_id"] = _PG_PARTIAL["ssn"]

@@ -115,7 +115,9 @@ def query_result(
     structured: dict[str, JsonValue] = {"call_id": call_id, "connection": connection}
     structured.update(result_set_data(results[-1], limits, protected[-1]))
     if len(results) > 1:
-        structured["results"] = [result_set_data(r, limits, p) for r, p in zip(results, protected, strict=True)]
+        structured["results"] = [
+            result_set_data(r, limits, p) for r, p in zip(results, protected, strict=True)
+        ]
     return ToolResult(call_id, "\n\n".join(blocks), structured)
 
 

@@ -15,13 +15,13 @@ import sqlglot
 from mcp_guard.backends.base import DbSchema, Relation
 from mcp_guard.catalog import Catalog
 from mcp_guard.classify import classify
-from mcp_guard.config import DEMO_MASKING, ALL_DETECTORS
+from mcp_guard.config import ALL_DETECTORS, DEMO_MASKING
+from mcp_guard.demo.data import shop_rows
 from mcp_guard.detectors import Detectors
 from mcp_guard.lineage import lineage
 from mcp_guard.masking import ColumnMask, Masking, partial_value, semantic_type
 from mcp_guard.rewrite import MaskPlan, rewrite
 from mcp_guard.seal import SealError, seal, unseal
-from mcp_guard.demo.data import shop_rows
 from tests.client import guard_client
 from tests.conftest import write_config
 from tests.test_masking_bypass import KEY, MASKING

@@ -12,7 +12,6 @@ import base64
 import json
 import re
 import sqlite3
-from pathlib import Path
 
 import asyncpg
 import pytest
@@ -47,7 +46,10 @@ columns = ["api_keys.secret"]
 strategy = "redact"
 """
 KEY = "11" * 32
-VIEW = "CREATE VIEW masking_contacts AS SELECT c.id, c.name, c.email AS contact, upper(c.ssn) AS ident FROM customers c"
+VIEW = (
+    "CREATE VIEW masking_contacts AS"
+    " SELECT c.id, c.name, c.email AS contact, upper(c.ssn) AS ident FROM customers c"
+)
 
 _EMBEDDED = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[a-z]{2,}|\+1-202-555-[0-9]{4}|\b[0-9]{13,19}\b")
 
