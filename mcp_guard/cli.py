@@ -87,6 +87,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         from mcp_guard.policy import Decision
 
         decision = Decision("deny", QUERY_READS_ONLY, "query runs reads only")
+    masking = _check_masking(config, connection, classification, groups) if decision.allowed else None
+    if masking is not None and any(m.get("refused") for m in masking):
+        from mcp_guard.policy import Decision
+
+        refused = next(m for m in masking if m.get("refused"))
+        decision = Decision("deny", "builtin:masking", str(refused["refused"]))
     if args.json:
         print(
             json.dumps(
@@ -100,6 +106,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         "reason": decision.reason,
                         "statement_index": decision.statement_index,
                     },
+                    "masking": masking,
                 },
                 indent=2,
             )
@@ -119,6 +126,8 @@ def cmd_check(args: argparse.Namespace) -> int:
                 escape(statement.text[:200]),
             )
         console.print(table)
+        for index, entry in enumerate(masking or [], 1):
+            _print_masking(console, index, entry)
         colour = "green" if decision.allowed else "red"
         if decision.statement_index is not None and len(classification.statements) > 1:
             console.print(f"statement {decision.statement_index + 1} decides the call")
@@ -127,6 +136,74 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{escape(decision.reason)}"
         )
     return EXIT_OK if decision.allowed else EXIT_FAILED
+
+
+def _check_masking(
+    config: Config, connection: str, classification: Any, groups: frozenset[str]
+) -> list[dict[str, Any]] | None:
+    """Per statement: the masked SQL that would run and each output column's lineage and mask.
+
+    Reads the schema from the database (as the server does); None when no masking applies."""
+    from mcp_guard.backends import open_backend
+    from mcp_guard.blind_spots import blind_spot
+    from mcp_guard.catalog import Catalog
+    from mcp_guard.lineage import lineage
+    from mcp_guard.masking import Masking
+    from mcp_guard.protect import notes_for
+    from mcp_guard.rewrite import MaskPlan, rewrite
+
+    masking = Masking.from_settings(config.settings.masking, config.source)
+    rules = masking.rules_for(connection, groups)
+    if not rules:
+        return None
+
+    async def schema() -> Any:
+        backend = open_backend(config.urls[connection], pool_size=1)
+        await backend.open()
+        try:
+            return await backend.schema()
+        finally:
+            await backend.close()
+
+    catalog = Catalog(asyncio.run(schema()), _dialect(config, connection))
+    plan = MaskPlan(masking, rules, catalog, masking.rules_for(connection, frozenset()))
+    allowed = frozenset(f.lower() for f in config.settings.masking.allowed_functions)
+    entries: list[dict[str, Any]] = []
+    for statement in classification.statements:
+        reason = blind_spot(statement, catalog, plan.masks, allowed, 0)  # type: ignore[arg-type]
+        if reason is not None:
+            entries.append({"refused": reason})
+            continue
+        done = rewrite(statement, plan, 0)
+        outputs = lineage(statement.tree, catalog) if statement.tree is not None else None
+        names = [o.name for o in outputs] if outputs is not None else []
+        entries.append(
+            {
+                "rewritten": done.sql if done else None,
+                "columns": [note.as_dict() for note in notes_for(names, outputs, plan)],
+                "lineage": "resolved" if outputs is not None else "unresolved: every column counts as masked",
+            }
+        )
+    return entries
+
+
+def _print_masking(console: Console, index: int, entry: dict[str, Any]) -> None:
+    if entry.get("refused"):
+        console.print(f"[red]masking refuses statement {index}:[/] {escape(entry['refused'])}")
+        return
+    console.print(f"[bold]statement {index} as it runs, masked:[/]")
+    console.print(escape(entry["rewritten"] or "(as written: it reads no masked column)"))
+    table = Table(title=f"output columns ({entry['lineage']})", title_justify="left")
+    for column in ("column", "mask", "rule", "sources"):
+        table.add_column(column, overflow="fold")
+    for column in entry["columns"]:
+        table.add_row(
+            escape(column["name"]),
+            column["strategy"] or "-",
+            escape(column["rule"] or ""),
+            escape(", ".join(column["sources"]) + (" (unresolved)" if column["unresolved"] else "")),
+        )
+    console.print(table)
 
 
 # audit ------------------------------------------------------------------------------------------
@@ -244,6 +321,48 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     return EXIT_OK if report.ok else EXIT_FAILED
 
 
+def cmd_audit_unseal(args: argparse.Namespace) -> int:
+    """The originals of one call's masked values, opened with the audit key from the environment."""
+    from mcp_guard.seal import load_key, unseal
+    from mcp_guard.store.base import AuditFilter, EventType
+
+    async def run() -> Any:
+        store = _store_for(args)
+        await store.open()
+        try:
+            return await store.query(AuditFilter(call_id=args.call_id, type=EventType.OUTCOME))
+        finally:
+            await store.close()
+
+    records = asyncio.run(run())
+    if not records:
+        raise UsageError(f"no outcome recorded for call {args.call_id}")
+    originals = records[-1].event.detail.get("masking", {}).get("originals")
+    if not originals:
+        raise UsageError(
+            f"call {args.call_id} kept no originals (masking.originals was none, or nothing was masked)"
+        )
+    if originals.get("mode") != "sealed":
+        raise UsageError(f"call {args.call_id} kept keyed digests only: they can be checked, not opened")
+    opened = unseal(load_key(args.key_env), args.call_id, originals)
+    if args.json:
+        print(json.dumps(opened, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    console = Console()
+    for number, statement in enumerate(opened, 1):
+        table = Table(title=f"statement {number}: originals of masked columns", title_justify="left")
+        for column in statement["columns"]:
+            table.add_column(escape(column))
+        for row in statement["rows"]:
+            table.add_row(*(escape(json.dumps(value, ensure_ascii=False)) for value in row))
+        if statement["columns"]:
+            console.print(table)
+        for row, column, original in statement["detected"]:
+            shown = escape(json.dumps(original, ensure_ascii=False))
+            console.print(f"row {row + 1}, {escape(column)}: {shown}")
+    return EXIT_OK
+
+
 # demo -------------------------------------------------------------------------------------------
 
 
@@ -327,6 +446,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_audit_list)
     verify = with_store(audit_commands.add_parser("verify", help="check the hash chain"))
     verify.set_defaults(handler=cmd_audit_verify)
+    unseal = with_store(audit_commands.add_parser("unseal", help="open the sealed originals of a call"))
+    unseal.add_argument("call_id")
+    unseal.add_argument(
+        "--key-env",
+        default="MCP_GUARD_AUDIT_KEY",
+        help="variable holding the audit key (default: %(default)s)",
+    )
+    unseal.set_defaults(handler=cmd_audit_unseal)
     return parser
 
 

@@ -155,11 +155,84 @@ class AuditSettings(_Model):
     """Entries synced to disk before the call goes on: `writes` (execute calls), `full`, `normal`."""
 
 
+SemanticType = Literal["email", "phone", "ssn", "national_id", "card", "iban", "secret", "jwt", "ip"]
+MaskStrategy = Literal["redact", "partial", "hash", "null"]
+DetectorName = Literal["email", "phone", "ssn", "card", "iban", "secret", "jwt", "ip"]
+ALL_DETECTORS: tuple[DetectorName, ...] = ("email", "phone", "ssn", "card", "iban", "secret", "jwt", "ip")
+DEFAULT_DETECTORS: tuple[DetectorName, ...] = ALL_DETECTORS[:-1]
+"""Every detector but `ip`: addresses in logs are usually what an analyst is after."""
+
+
+class MaskRule(_Model):
+    """Columns to mask: by name (globs) or by semantic type read from the column name."""
+
+    name: Annotated[str, Field(min_length=1)]
+    """Named in result notes, `check` and the audit."""
+    columns: tuple[str, ...] = ()
+    """Column globs: `column`, `table.column` or `schema.table.column` (`*.email`, `customers.*`)."""
+    types: tuple[SemanticType, ...] = ()
+    """Semantic types, recognised from column names (`email`, `phone`, `ssn`, `card`, ...)."""
+    strategy: MaskStrategy = "redact"
+    """`redact` (a fixed marker), `partial` (a safe part), `hash` (keyed, stable) or `null`."""
+    connections: tuple[str, ...] = ()
+    """Connection name globs; empty: every connection."""
+    except_groups: tuple[str, ...] = ()
+    """Identity groups that see clear values under this rule."""
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> MaskRule:
+        if not self.columns and not self.types:
+            raise ValueError("a masking rule needs columns or types (or both)")
+        for glob in self.columns:
+            if not 1 <= len(glob.split(".")) <= 3 or "" in glob.split("."):
+                raise ValueError(f"column glob {glob!r} must be column, table.column or schema.table.column")
+        return self
+
+
+class MaskingSettings(_Model):
+    rules: tuple[MaskRule, ...] = ()
+    """Ordered rules; a column is masked by the first rule that matches it and applies to the caller."""
+    hash_key_env: str = "MCP_GUARD_MASK_KEY"
+    """Environment variable holding the key of `hash` masks; unset: a random key per server process."""
+    detectors: tuple[DetectorName, ...] = DEFAULT_DETECTORS
+    """Content detectors run on every text value of a result; `[]` turns them off."""
+    detector_exclude: tuple[str, ...] = ()
+    """Column globs (as in rules) whose values the detectors leave alone."""
+    allowed_functions: tuple[str, ...] = ()
+    """Functions allowed in reads while masking applies, beyond the built-in list of pure ones."""
+    originals: Literal["none", "digest", "sealed"] = "none"
+    """What the audit keeps of masked values: nothing, a keyed digest, or the values sealed (AES-GCM)."""
+    originals_key_env: str = "MCP_GUARD_AUDIT_KEY"
+    """Environment variable holding the digest or sealing key (32 bytes, hex or base64)."""
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, rules: tuple[MaskRule, ...]) -> tuple[MaskRule, ...]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"masking rule name {rule.name!r} is used twice; names must be unique")
+            seen.add(rule.name)
+        return rules
+
+
+DEMO_MASKING = MaskingSettings(
+    rules=(
+        MaskRule(name="contact-details", columns=("*.email", "*.phone"), strategy="partial"),
+        MaskRule(name="national-ids", columns=("*.ssn",), strategy="hash"),
+        MaskRule(name="card-numbers", columns=("*.card_number",), strategy="partial"),
+        MaskRule(name="api-secrets", columns=("api_keys.secret",), strategy="redact"),
+    )
+)
+"""The demo's sensitive columns; `customers.notes` is left to the content detectors."""
+
+
 class Settings(_Model):
     connections: dict[str, ConnectionSettings] = Field(min_length=1)
     policy: PolicySettings = PolicySettings()
     identity: IdentitySettings = IdentitySettings()
     audit: AuditSettings = AuditSettings()
+    masking: MaskingSettings = MaskingSettings()
 
     @field_validator("connections")
     @classmethod
@@ -253,7 +326,8 @@ def demo_config() -> Config:
                 url=f"sqlite:///{database}",
                 description="Demo shop: customers, orders, payments, api_keys (SQLite, made-up data)",
             ),
-        }
+        },
+        masking=DEMO_MASKING,
     )
     return build_config(settings, "(built-in demo)")
 

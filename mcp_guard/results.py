@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mcp_guard.backends.base import Limits, ResultSet, WriteResult
 from mcp_guard.values import JsonValue
+
+if TYPE_CHECKING:
+    from mcp_guard.protect import Protected
 
 _CELL_WIDTH = 80
 
@@ -72,30 +76,62 @@ def _footer(result: ResultSet, limits: Limits) -> str:
     return count + ")"
 
 
-def result_set_data(result: ResultSet, limits: Limits) -> dict[str, JsonValue]:
-    return {
-        "columns": [{"name": c.name, "type": c.type} for c in result.columns],
+def result_set_data(
+    result: ResultSet, limits: Limits, masking: Protected | None = None
+) -> dict[str, JsonValue]:
+    columns: list[JsonValue] = [{"name": c.name, "type": c.type} for c in result.columns]
+    data: dict[str, JsonValue] = {
+        "columns": columns,
         "rows": result.rows,
         "row_count": result.row_count,
         "truncated": result.truncated,
         "truncated_by": result.truncated_by,
         "row_limit": limits.row_limit,
     }
+    if masking is not None:
+        for column, note in zip(columns, masking.notes, strict=False):
+            assert isinstance(column, dict)
+            column["masked"] = note.strategy
+            column["detected"] = list(note.detected)
+        data["masked_columns"] = list(masking.masked)
+    return data
 
 
-def query_result(call_id: str, connection: str, results: Sequence[ResultSet], limits: Limits) -> ToolResult:
+def _masking_line(masking: Protected | None) -> str:
+    """One line telling the model which columns it sees masked, so it does not mistake them for data."""
+    if masking is None or not masking.masked:
+        return ""
+    parts = []
+    for note in masking.notes:
+        if note.mask is not None:
+            parts.append(f"{note.name} ({note.strategy})")
+        elif note.detected:
+            parts.append(f"{note.name} (detected: {', '.join(note.detected)})")
+    return "\nmasked: " + ", ".join(parts)
+
+
+def query_result(
+    call_id: str,
+    connection: str,
+    results: Sequence[ResultSet],
+    limits: Limits,
+    masking: Sequence[Protected] | None = None,
+) -> ToolResult:
     """The last statement's rows at the top level; every statement's under `results` when several ran."""
+    protected: Sequence[Protected | None] = masking if masking is not None else [None] * len(results)
     blocks = []
-    for index, result in enumerate(results):
+    for index, (result, notes) in enumerate(zip(results, protected, strict=True)):
         head = f"-- statement {index + 1} of {len(results)}\n" if len(results) > 1 else ""
         table = (
             text_table([c.name for c in result.columns], result.rows) if result.columns else "(no columns)"
         )
-        blocks.append(f"{head}{table}\n{_footer(result, limits)}")
+        blocks.append(f"{head}{table}\n{_footer(result, limits)}{_masking_line(notes)}")
     structured: dict[str, JsonValue] = {"call_id": call_id, "connection": connection}
-    structured.update(result_set_data(results[-1], limits))
+    structured.update(result_set_data(results[-1], limits, protected[-1]))
     if len(results) > 1:
-        structured["results"] = [result_set_data(r, limits) for r in results]
+        structured["results"] = [
+            result_set_data(r, limits, p) for r, p in zip(results, protected, strict=True)
+        ]
     return ToolResult(call_id, "\n\n".join(blocks), structured)
 
 

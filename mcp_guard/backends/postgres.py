@@ -28,12 +28,15 @@ from mcp_guard.backends.base import (
     Backend,
     Column,
     ColumnInfo,
+    DbSchema,
     Limits,
+    Relation,
     ResultSet,
     TableInfo,
     WriteResult,
     check_call,
     numbered,
+    statement_params,
 )
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
 from mcp_guard.redact import redact
@@ -94,6 +97,22 @@ LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
+
+_SCHEMA = """
+SELECT n.nspname, c.relname, c.relkind IN ('v', 'm'),
+       array_agg(a.attname::text ORDER BY a.attnum),
+       array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
+       CASE WHEN c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            THEN pg_catalog.pg_get_viewdef(c.oid) END,
+       n.nspname IN ('pg_catalog', 'information_schema')
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+GROUP BY n.nspname, c.relname, c.relkind, c.oid
+"""
+_SEARCH_PATH = "SELECT pg_catalog.current_schemas(true)::text[]"
 
 _COUNTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT"})
 _DECODED_AS: dict[str, type] = {
@@ -211,19 +230,27 @@ class PostgresBackend(Backend):
             await pool.close()
 
     async def read(
-        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+        self,
+        statements: Sequence[str],
+        params: Sequence[JsonScalar],
+        limits: Limits,
+        bound: Sequence[Sequence[JsonScalar]] | None = None,
     ) -> list[ResultSet]:
-        check_call(statements, params)
+        check_call(statements, params, bound)
         try:
-            return await self._read(statements, params, limits)
+            return await self._read(statements, params, limits, bound)
         except BackendError as error:
             if not isinstance(error.__cause__, _STALE_PLAN):
                 raise
         # A table changed shape since asyncpg cached the plan; asyncpg has dropped it: once more.
-        return await self._read(statements, params, limits)
+        return await self._read(statements, params, limits, bound)
 
     async def _read(
-        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+        self,
+        statements: Sequence[str],
+        params: Sequence[JsonScalar],
+        limits: Limits,
+        bound: Sequence[Sequence[JsonScalar]] | None,
     ) -> list[ResultSet]:
         backstop = limits.timeout_s + _BACKSTOP_S
         results: list[ResultSet] = []
@@ -232,7 +259,7 @@ class PostgresBackend(Backend):
                 # The session defaults already make its implicit transaction read-only and timed.
                 with self._errors(limits.timeout_s):
                     columns, rows = await conn.fetch_capped(
-                        statements[0], params, limits.row_limit + 1, backstop
+                        statements[0], statement_params(params, bound, 0), limits.row_limit + 1, backstop
                     )
                 if conn.is_in_transaction():
                     raise BackendError("the statement opened a transaction: refused")
@@ -244,9 +271,10 @@ class PostgresBackend(Backend):
                     f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {_timeout_sql(limits)}; SELECT",
                     timeout=backstop,
                 )
-            for where, sql in numbered(statements):
+            for index, (where, sql) in enumerate(numbered(statements)):
+                arguments = statement_params(params, bound, index)
                 with self._errors(limits.timeout_s, where):
-                    columns, rows = await conn.fetch_capped(sql, params, limits.row_limit + 1, backstop)
+                    columns, rows = await conn.fetch_capped(sql, arguments, limits.row_limit + 1, backstop)
                 if not conn.is_in_transaction():
                     raise BackendError(f"{where or 'the statement'} ended the read-only transaction: refused")
                 results.append(ResultSet.capped(columns, rows, limits))
@@ -298,6 +326,25 @@ class PostgresBackend(Backend):
         raise UsageError(
             f"no table named {table!r} on this connection (list_tables shows the names, with their schema)"
         )
+
+    async def schema(self) -> DbSchema:
+        limits = Limits(timeout_s=30.0)
+        async with self._connection(self._pool, limits) as conn:
+            with self._errors(limits.timeout_s):
+                records = await conn.fetch(_SCHEMA, timeout=limits.timeout_s)
+                path = await conn.fetchval(_SEARCH_PATH, timeout=limits.timeout_s)
+        relations = tuple(
+            Relation(
+                schema,
+                name,
+                "view" if is_view else "table",
+                tuple(zip(names, types, strict=True)),
+                definition,
+                system,
+            )
+            for schema, name, is_view, names, types, definition, system in records
+        )
+        return DbSchema(relations, tuple(path), case_sensitive=True)
 
     @asynccontextmanager
     async def _connection(

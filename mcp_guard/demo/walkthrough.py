@@ -27,6 +27,29 @@ STEPS: list[tuple[str, str, dict[str, Any]]] = [
         },
     ),
     (
+        "A masked read: email and phone in part, the SSN as a keyed hash, the card's last 4 digits",
+        "query",
+        {"sql": "SELECT id, name, email, phone, ssn, card_number FROM customers ORDER BY id LIMIT 3"},
+    ),
+    (
+        "Renamed and wrapped, the column is still masked: the mask sits in the table the query reads",
+        "query",
+        {"sql": "SELECT upper(email) AS contact, replace(ssn, '-', '') AS ident FROM customers LIMIT 3"},
+    ),
+    (
+        "A whole row as JSON (SQLite's json_object over every column) is masked too",
+        "query",
+        {
+            "sql": "SELECT json_object('name', c.name, 'email', c.email, 'card', c.card_number) AS row\n"
+            "FROM customers AS c LIMIT 2"
+        },
+    ),
+    (
+        "An email inside free text: the content detector replaces it in place",
+        "query",
+        {"sql": "SELECT id, notes FROM customers WHERE notes LIKE '%@%' LIMIT 2"},
+    ),
+    (
         "An allowed write, with the user's reason",
         "execute",
         {
