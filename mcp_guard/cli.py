@@ -54,9 +54,7 @@ def _pick_connection(config: Config, name: str | None) -> str:
 
 def cmd_serve(args: argparse.Namespace) -> int:
     from mcp_guard.devtoken import DEV_ISSUER
-    from mcp_guard.guard import Guard
     from mcp_guard.identity import OidcVerifier, StdioCaller, TokenSource, local_identity
-    from mcp_guard.server import serve_http, serve_stdio
 
     config = _config(args)
     identity = config.settings.identity
@@ -72,6 +70,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
             "trusting the development issuer of `mcp-guard token --dev`: never do this in production"
         )
     source = TokenSource(identity) if identity.mode == "oidc" and args.transport == "stdio" else None
+    # Loaded only now: a configuration mistake is reported without first importing the MCP stack.
+    from mcp_guard.guard import Guard
+    from mcp_guard.server import serve_http, serve_stdio
 
     async def run() -> None:
         guard = await Guard.start(config)

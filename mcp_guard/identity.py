@@ -297,16 +297,19 @@ class TokenSource:
 class StdioCaller:
     """Who calls over stdio: the token's identity, verified again when it expires or the file changes."""
 
-    def __init__(self, verifier: OidcVerifier, source: TokenSource) -> None:
+    def __init__(
+        self, verifier: OidcVerifier, source: TokenSource, *, clock: Callable[[], float] = time.time
+    ) -> None:
         self.verifier = verifier
         self.source = source
+        self._clock = clock
         self._identity: Identity | None = None
         self._version: tuple[int, int, int] | None = None
 
     async def __call__(self) -> Identity:
         version = self.source.version()
         cached = self._identity
-        if cached is not None and version == self._version and time.time() < (cached.expires_at or 0):
+        if cached is not None and version == self._version and self._clock() < (cached.expires_at or 0):
             return cached
         self._identity = None
         try:
