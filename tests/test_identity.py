@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from jose import jwt
 
-from mcp_guard.config import IdentitySettings
-from mcp_guard.errors import AuthenticationError
+from mcp_guard.config import IdentitySettings, load_config
+from mcp_guard.errors import AuthenticationError, ConfigError
 from mcp_guard.identity import OidcVerifier, identity_from_token
 from tests.idp import AUDIENCE, REMOVE, LocalIdP
 
@@ -243,3 +243,46 @@ async def test_keys_can_come_from_a_file(tmp_path, local_idp):
 async def test_identity_from_token_refuses_a_bad_token(local_idp):
     with pytest.raises(AuthenticationError, match="expired"):
         await identity_from_token(oidc(local_idp), local_idp.token(exp=int(time.time()) - 600))
+
+
+@pytest.mark.parametrize(
+    ("identity", "key", "message"),
+    [
+        ('algorithms = ["HS256"]', "identity.algorithms", "HS256 is never accepted: HMAC"),
+        ('algorithms = ["none"]', "identity.algorithms", "unsigned tokens (none) are never accepted"),
+        ('algorithms = ["PS256"]', "identity.algorithms", "'PS256' is not one of RS256"),
+        ('jwks_url = "http://idp.example.com/jwks"', "identity", "jwks_url must be an https:// URL"),
+        (
+            'jwks_url = "https://idp/jwks"\njwks_file = "/k.json"',
+            "identity",
+            "jwks_url or jwks_file, not both",
+        ),
+        ('groups = ["admins"]', "identity", 'groups apply to mode = "local" only'),
+    ],
+)
+def test_a_bad_oidc_setting_is_refused_naming_its_key(tmp_path, identity, key, message):
+    path = tmp_path / "guard.toml"
+    path.write_text(
+        f'[identity]\nmode = "oidc"\nissuer = "https://idp.example.com"\naudience = "a"\n{identity}\n'
+        '[connections.db]\nurl = "sqlite:////tmp/x.db"\n'
+    )
+    with pytest.raises(ConfigError) as refused:
+        load_config(path)
+    assert str(refused.value).startswith(f"{path}: {key}: ")
+    assert message in str(refused.value)
+
+
+@pytest.mark.parametrize(
+    ("identity", "message"),
+    [
+        ('mode = "oidc"\naudience = "a"', 'issuer is required with mode = "oidc"'),
+        ('mode = "oidc"\nissuer = "https://idp.example.com"', 'audience is required with mode = "oidc"'),
+        ('issuer = "https://idp.example.com"', 'issuer applies to mode = "oidc" only'),
+        ('mode = "oidc"\nissuer = "http://idp.example.com"\naudience = "a"', "issuer must be an https:// URL"),
+    ],
+)
+def test_oidc_keys_belong_to_oidc_mode(tmp_path, identity, message):
+    path = tmp_path / "guard.toml"
+    path.write_text(f'[identity]\n{identity}\n[connections.db]\nurl = "sqlite:////tmp/x.db"\n')
+    with pytest.raises(ConfigError, match=message):
+        load_config(path)
