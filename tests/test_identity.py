@@ -278,7 +278,10 @@ def test_a_bad_oidc_setting_is_refused_naming_its_key(tmp_path, identity, key, m
         ('mode = "oidc"\naudience = "a"', 'issuer is required with mode = "oidc"'),
         ('mode = "oidc"\nissuer = "https://idp.example.com"', 'audience is required with mode = "oidc"'),
         ('issuer = "https://idp.example.com"', 'issuer applies to mode = "oidc" only'),
-        ('mode = "oidc"\nissuer = "http://idp.example.com"\naudience = "a"', "issuer must be an https:// URL"),
+        (
+            'mode = "oidc"\nissuer = "http://idp.example.com"\naudience = "a"',
+            "issuer must be an https:// URL",
+        ),
     ],
 )
 def test_oidc_keys_belong_to_oidc_mode(tmp_path, identity, message):
