@@ -476,4 +476,5 @@ class _HttpServer(uvicorn.Server):
         yield
 
     def stop(self) -> None:
-        self.should_exit = True
+        # Through handle_exit: sse-starlette hooks it to end open event streams instead of waiting for them.
+        self.handle_exit(signal.SIGTERM, None)

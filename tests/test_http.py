@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,9 @@ from typing import Any
 import anyio
 import httpx2
 import pytest
+from mcp.client.session import ClientSession
+from mcp.client.sse import sse_client
+from mcp.client.streamable_http import streamable_http_client
 
 from mcp_guard.identity import token_fingerprint
 from mcp_guard.store import open_store
@@ -181,3 +185,49 @@ async def test_a_bad_token_gets_401_with_its_reason_and_is_audited(server, local
     assert reason in mine[0].event.detail["reason"]
     assert mine[0].event.identity == "unauthenticated" and mine[0].event.decision == "deny"
     assert token not in database.read_bytes().decode("utf-8", "replace")
+
+
+async def test_stopping_the_server_ends_the_sessions_still_open(tmp_path, local_idp, sqlite_shop):
+    opened = asyncio.Event()
+
+    async def hold_a_session_open(url: str) -> None:
+        async with guard_http_client(url, "streamable-http", local_idp.token("dana", ["analysts"])) as client:
+            await client.call("list_connections")
+            opened.set()
+            await asyncio.Event().wait()
+
+    with http_server(oidc_config(tmp_path, local_idp, sqlite_shop), tmp_path, "streamable-http") as url:
+        holder = asyncio.create_task(hold_a_session_open(url))
+        with anyio.fail_after(10):
+            await opened.wait()
+    holder.cancel()
+    with contextlib.suppress(BaseException):
+        await holder
+    kinds = [r.event.type for r in await audit(tmp_path / "audit.db") if r.event.identity == "dana"]
+    assert kinds == [EventType.SESSION_START, EventType.REQUEST, EventType.OUTCOME, EventType.SESSION_END]
+
+
+async def test_a_request_of_the_sessionless_2026_protocol_is_a_session_of_its_own(server, local_idp):
+    transport, url, database = server
+    headers = {"Authorization": f"Bearer {local_idp.token('frank', ['analysts'])}"}
+    async with httpx2.AsyncClient(headers=headers, timeout=30) as http:
+        streams = (
+            sse_client(url, headers=headers)
+            if transport == "sse"
+            else streamable_http_client(url, http_client=http)
+        )
+        async with streams as (read, write), ClientSession(read, write) as session:
+            await session.discover()
+            for _ in range(2):
+                assert not (
+                    await session.call_tool("query", {"connection": "shop", "sql": "SELECT 1"})
+                ).is_error
+    records = await eventually(database, lambda found: len(found) == 8, identity="frank")
+    sessions = [r.event.session_id for r in records]
+    assert [r.event.type for r in records] == [
+        EventType.SESSION_START,
+        EventType.REQUEST,
+        EventType.OUTCOME,
+        EventType.SESSION_END,
+    ] * 2
+    assert sessions[0] == sessions[3] != sessions[4] == sessions[7]
