@@ -209,7 +209,7 @@ class IdentitySettings(_Model):
     @classmethod
     def _asymmetric_only(cls, algorithms: tuple[str, ...]) -> tuple[str, ...]:
         if not algorithms:
-            raise ValueError("give at least one algorithm, e.g. [\"RS256\", \"ES256\"]")
+            raise ValueError('give at least one algorithm, e.g. ["RS256", "ES256"]')
         for name in algorithms:
             if name.lower() == "none":
                 raise ValueError("unsigned tokens (none) are never accepted")
@@ -226,13 +226,13 @@ class IdentitySettings(_Model):
         if self.mode == "local":
             for key in _OIDC_ONLY:
                 if getattr(self, key) is not None:
-                    raise ValueError(f"{key} applies to mode = \"oidc\" only")
+                    raise ValueError(f'{key} applies to mode = "oidc" only')
             return self
         if self.groups:
-            raise ValueError("groups apply to mode = \"local\" only; with oidc they come from the token")
+            raise ValueError('groups apply to mode = "local" only; with oidc they come from the token')
         for key in ("issuer", "audience"):
             if not getattr(self, key):
-                raise ValueError(f"{key} is required with mode = \"oidc\"")
+                raise ValueError(f'{key} is required with mode = "oidc"')
         if self.jwks_url is not None and self.jwks_file is not None:
             raise ValueError("give jwks_url or jwks_file, not both")
         if self.token_env is not None and self.token_file is not None:
