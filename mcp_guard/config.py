@@ -153,18 +153,18 @@ _OIDC_ONLY = (
 )
 
 
-def _loopback(host: str | None) -> bool:
+def is_loopback(host: str | None) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 
 
-def _check_url(value: str | None, key: str) -> None:
+def check_fetch_url(value: str | None, key: str) -> None:
     """Keys and metadata come over HTTPS; plain HTTP only on this machine (a local test provider)."""
     if value is None:
         return
     parts = urlsplit(value)
     if parts.scheme == "https" and parts.hostname:
         return
-    if parts.scheme == "http" and _loopback(parts.hostname):
+    if parts.scheme == "http" and is_loopback(parts.hostname):
         return
     raise ValueError(f"{key} must be an https:// URL (http:// only for 127.0.0.1 or localhost): {value!r}")
 
@@ -237,8 +237,8 @@ class IdentitySettings(_Model):
             raise ValueError("give jwks_url or jwks_file, not both")
         if self.token_env is not None and self.token_file is not None:
             raise ValueError("give token_env or token_file, not both")
-        _check_url(self.issuer, "issuer")
-        _check_url(self.jwks_url, "jwks_url")
+        check_fetch_url(self.issuer, "issuer")
+        check_fetch_url(self.jwks_url, "jwks_url")
         if self.resource_url is not None and urlsplit(self.resource_url).scheme not in ("http", "https"):
             raise ValueError(f"resource_url must be an http(s):// URL: {self.resource_url!r}")
         return self

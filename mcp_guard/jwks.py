@@ -22,7 +22,7 @@ from jose import jwk
 from jose.backends.base import Key
 from jose.exceptions import JWKError
 
-from mcp_guard.config import IdentitySettings
+from mcp_guard.config import IdentitySettings, check_fetch_url
 from mcp_guard.errors import AuthenticationError
 
 log = logging.getLogger(__name__)
@@ -136,9 +136,9 @@ class KeySet:
         if not isinstance(jwks_uri, str):
             raise AuthenticationError(f"the discovery document at {url} has no jwks_uri")
         try:
-            IdentitySettings(mode="oidc", issuer=issuer, audience="-", jwks_url=jwks_uri)
-        except ValueError:
-            raise AuthenticationError(f"the discovery document at {url} gives an unsafe jwks_uri") from None
+            check_fetch_url(jwks_uri, "jwks_uri")
+        except ValueError as error:
+            raise AuthenticationError(f"the discovery document at {url}: {error}") from None
         return jwks_uri
 
     async def _get_json(self, url: str, what: str) -> Any:

@@ -33,6 +33,7 @@ from pydantic import ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from mcp_guard import __version__
+from mcp_guard.config import is_loopback
 from mcp_guard.errors import AuditError, AuthenticationError, UsageError
 from mcp_guard.guard import CallContext, Guard
 from mcp_guard.identity import Identity, OidcVerifier
@@ -442,6 +443,12 @@ async def serve_http(
     base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
     settings = verifier.settings
     resource = settings.resource_url or f"{base}{path}"
+    if not is_loopback(host) and not resource.startswith("https://"):
+        log.warning(
+            "listening on %s, beyond this machine: bearer tokens need TLS; put mcp-guard behind a TLS "
+            "proxy and set identity.resource_url to the https:// URL clients use",
+            host,
+        )
     auth = AuthSettings(
         issuer_url=settings.issuer,  # type: ignore[arg-type]  # pydantic validates the string
         resource_server_url=resource,  # type: ignore[arg-type]
