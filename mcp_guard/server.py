@@ -115,7 +115,7 @@ class Sessions:
         if started is None:
             async with self._lock:
                 started = self._started(session) or await self._start(session, identity)
-        elif (identity.subject, identity.issuer) != (started.identity.subject, started.identity.issuer):
+        if (identity.subject, identity.issuer) != (started.identity.subject, started.identity.issuer):
             raise AuthenticationError(
                 f"this session belongs to {started.identity.subject}; the token now names "
                 f"{identity.subject}: start a new session to change user"
@@ -367,6 +367,14 @@ def _challenge(original: bytes, reason: str) -> bytes:
     return value.encode("latin-1", "replace")
 
 
+def _unexplained(scope: Scope) -> AuthenticationError:
+    """Why a 401 the verifier did not explain happened: no bearer token, or the SDK's own checks."""
+    sent = dict(scope.get("headers", [])).get(b"authorization", b"")
+    if sent[:7].lower() == b"bearer ":
+        return AuthenticationError("the bearer token was refused (expired, or not issued for this resource)")
+    return AuthenticationError("the request carries no bearer token (Authorization: Bearer <token>)")
+
+
 class RecordRefusals:
     """Every 401 is recorded as an authentication failure and tells the client why (RFC 6750)."""
 
@@ -387,9 +395,7 @@ class RecordRefusals:
             nonlocal replaced
             if message["type"] == "http.response.start" and message["status"] == 401:
                 replaced = True
-                error = refusal.error or AuthenticationError(
-                    "the request carries no bearer token (Authorization: Bearer <token>)"
-                )
+                error = refusal.error or _unexplained(scope)
                 await self._record(scope, error)
                 body = json.dumps({"error": "invalid_token", "error_description": str(error)}).encode()
                 original = dict(message.get("headers", [])).get(b"www-authenticate", b"")
