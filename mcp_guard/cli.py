@@ -12,7 +12,7 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +22,9 @@ from mcp_guard.classify import StatementKind, classify
 from mcp_guard.config import Config, config_path_from_env, demo_config, load_config
 from mcp_guard.errors import ConfigError, GuardError, UsageError
 from mcp_guard.policy import decide
+
+if TYPE_CHECKING:
+    from mcp_guard.identity import Identity
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -50,21 +53,85 @@ def _pick_connection(config: Config, name: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mcp_guard.guard import Guard
-    from mcp_guard.identity import local_identity
-    from mcp_guard.server import serve_stdio
+    from mcp_guard.devtoken import DEV_ISSUER
+    from mcp_guard.identity import OidcVerifier, StdioCaller, TokenSource, local_identity
 
     config = _config(args)
-    identity = local_identity(config.settings.identity.groups)
+    identity = config.settings.identity
+    if identity.mode == "local" and args.transport != "stdio":
+        raise ConfigError(
+            f'--transport {args.transport} needs [identity] mode = "oidc": without tokens every caller '
+            "on the network would act as the local user",
+            file=config.source,
+            key="identity.mode",
+        )
+    if identity.issuer == DEV_ISSUER:
+        logging.getLogger("mcp_guard").warning(
+            "trusting the development issuer of `mcp-guard token --dev`: never do this in production"
+        )
+    source = TokenSource(identity) if identity.mode == "oidc" and args.transport == "stdio" else None
+    # Loaded only now: a configuration mistake is reported without first importing the MCP stack.
+    from mcp_guard.guard import Guard
+    from mcp_guard.server import serve_http, serve_stdio
 
     async def run() -> None:
         guard = await Guard.start(config)
+        verifier = OidcVerifier(identity) if identity.mode == "oidc" else None
         try:
-            await serve_stdio(guard, identity)
+            if verifier is None:
+                local = local_identity(identity.groups)
+
+                async def caller() -> Identity:
+                    return local
+
+                await serve_stdio(guard, caller)
+            elif source is not None:
+                await serve_stdio(guard, StdioCaller(verifier, source))
+            else:
+                await serve_http(guard, verifier, args.transport, args.host, args.port)
         finally:
+            if verifier is not None:
+                await verifier.aclose()
             await guard.close()
 
     asyncio.run(run())
+    return EXIT_OK
+
+
+# token ------------------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from mcp_guard.devtoken import DEV_AUDIENCE, dev_issuer, mint_dev_token
+    from mcp_guard.identity import local_identity
+
+    if not args.dev:
+        raise UsageError(
+            "only development tokens are minted here (--dev); real tokens come from your identity provider"
+        )
+    audience = args.audience
+    if audience is None:
+        path = config_path_from_env(args.config)
+        configured = load_config(path).settings.identity.audience if path else None
+        audience = configured or DEV_AUDIENCE
+    subject = args.subject or local_identity().subject.removeprefix("local:")
+    issuer = dev_issuer()
+    token = mint_dev_token(
+        issuer,
+        subject=subject,
+        groups=tuple(args.group or ()),
+        audience=audience,
+        minutes=args.minutes,
+        email=args.email,
+    )
+    print(token)
+    print(
+        f"mcp-guard: development token for {subject} (groups: {', '.join(args.group or []) or 'none'}), "
+        f"valid {args.minutes:g} min. DEVELOPMENT ONLY. A server accepts it only when configured with:\n"
+        + issuer.config_snippet(audience),
+        file=sys.stderr,
+        end="",
+    )
     return EXIT_OK
 
 
@@ -402,9 +469,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG, else the demo)")
         return p
 
-    serve = with_config(commands.add_parser("serve", help="serve the MCP tools (stdio)"))
-    serve.add_argument("--transport", choices=["stdio"], default="stdio")
+    serve = with_config(commands.add_parser("serve", help="serve the MCP tools (stdio, SSE, HTTP)"))
+    serve.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP transports: address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP transports: port (0: any free port)")
     serve.set_defaults(handler=cmd_serve)
+
+    token = with_config(commands.add_parser("token", help="mint a development token (--dev only)"))
+    token.add_argument("--dev", action="store_true", help="sign with the local development key")
+    token.add_argument("--subject", help="user id (default: the OS user)")
+    token.add_argument("--group", action="append", help="a group of the token (repeatable)")
+    token.add_argument("--email", help="email claim")
+    token.add_argument("--audience", help="audience (default: [identity] audience, else mcp-guard)")
+    token.add_argument("--minutes", type=float, default=15, help="lifetime, at most 60 (default 15)")
+    token.set_defaults(handler=cmd_token)
 
     demo = commands.add_parser("demo", help="play a short guarded session against the built-in demo")
     demo.set_defaults(handler=cmd_demo)

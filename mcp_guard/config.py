@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -139,11 +140,108 @@ class PolicySettings(_Model):
         return rules
 
 
+SIGNING_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+_OIDC_ONLY = (
+    "issuer",
+    "audience",
+    "jwks_url",
+    "jwks_file",
+    "authorized_party",
+    "token_env",
+    "token_file",
+    "resource_url",
+)
+
+
+def is_loopback(host: str | None) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def check_fetch_url(value: str | None, key: str) -> None:
+    """Keys and metadata come over HTTPS; plain HTTP only on this machine (a local test provider)."""
+    if value is None:
+        return
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and is_loopback(parts.hostname):
+        return
+    raise ValueError(f"{key} must be an https:// URL (http:// only for 127.0.0.1 or localhost): {value!r}")
+
+
 class IdentitySettings(_Model):
-    mode: Literal["local"] = "local"
-    """`local`: the operating-system user runs every call (single-user mode)."""
+    """Who is calling: the operating-system user (`local`) or a token from an OIDC provider (`oidc`)."""
+
+    mode: Literal["local", "oidc"] = "local"
+    """`local`: the operating-system user runs every call (single-user mode); `oidc`: a verified token."""
     groups: tuple[str, ...] = ()
-    """Groups given to the local identity, for policy rules."""
+    """Groups given to the local identity, for policy rules (mode `local` only)."""
+    issuer: str | None = None
+    """OIDC: the token issuer (`iss`), exactly as the provider writes it; required."""
+    audience: str | None = None
+    """OIDC: the audience (`aud`) a token must be issued for; required."""
+    jwks_url: str | None = None
+    """OIDC: the provider's key set; default: `jwks_uri` from the issuer's discovery document."""
+    jwks_file: Path | None = None
+    """OIDC: a key set read from a file instead of a URL (the development issuer, offline setups)."""
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    """OIDC: signature algorithms accepted; asymmetric only."""
+    groups_claim: Annotated[str, Field(min_length=1)] = "groups"
+    """OIDC: the claim holding the caller's groups (a list, or one string); a token without it is refused."""
+    user_claim: Annotated[str, Field(min_length=1)] = "sub"
+    """OIDC: the claim recorded as the user id; `email` and `preferred_username` are recorded too."""
+    authorized_party: str | None = None
+    """OIDC: when set, the token's `azp` (the client it was issued to) must equal it."""
+    clock_skew: Annotated[float, Field(ge=0, le=300)] = 60.0
+    """OIDC: seconds of clock difference tolerated for `exp`, `nbf` and `iat`."""
+    jwks_max_age: Annotated[float, Field(ge=60, le=86_400)] = 3600.0
+    """OIDC: seconds the key set is used before it is fetched again."""
+    jwks_refresh_interval: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    """OIDC: a token with an unknown key id refetches the key set at most once per this many seconds."""
+    token_env: str | None = None
+    """OIDC over stdio: the environment variable holding the caller's token."""
+    token_file: Path | None = None
+    """OIDC over stdio: a file holding the caller's token, re-read when it changes or the token expires."""
+    resource_url: str | None = None
+    """OIDC over HTTP: this server's public URL (RFC 9728 resource); default http://HOST:PORT/mcp."""
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: tuple[str, ...]) -> tuple[str, ...]:
+        if not algorithms:
+            raise ValueError('give at least one algorithm, e.g. ["RS256", "ES256"]')
+        for name in algorithms:
+            if name.lower() == "none":
+                raise ValueError("unsigned tokens (none) are never accepted")
+            if name.upper().startswith("HS"):
+                raise ValueError(
+                    f"{name} is never accepted: HMAC would let anyone holding the provider's public key sign"
+                )
+            if name not in SIGNING_ALGORITHMS:
+                raise ValueError(f"{name!r} is not one of {', '.join(SIGNING_ALGORITHMS)}")
+        return algorithms
+
+    @model_validator(mode="after")
+    def _mode_keys(self) -> IdentitySettings:
+        if self.mode == "local":
+            for key in _OIDC_ONLY:
+                if getattr(self, key) is not None:
+                    raise ValueError(f'{key} applies to mode = "oidc" only')
+            return self
+        if self.groups:
+            raise ValueError('groups apply to mode = "local" only; with oidc they come from the token')
+        for key in ("issuer", "audience"):
+            if not getattr(self, key):
+                raise ValueError(f'{key} is required with mode = "oidc"')
+        if self.jwks_url is not None and self.jwks_file is not None:
+            raise ValueError("give jwks_url or jwks_file, not both")
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("give token_env or token_file, not both")
+        check_fetch_url(self.issuer, "issuer")
+        check_fetch_url(self.jwks_url, "jwks_url")
+        if self.resource_url is not None and urlsplit(self.resource_url).scheme not in ("http", "https"):
+            raise ValueError(f"resource_url must be an http(s):// URL: {self.resource_url!r}")
+        return self
 
 
 class AuditSettings(_Model):

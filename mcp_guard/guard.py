@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 
 QUERY_READS_ONLY = "builtin:query-reads-only"
 METADATA_RULE = "builtin:metadata"
+UNAUTHENTICATED = "unauthenticated"
 MAX_SQL_CHARS = 1_000_000
 MAX_PARAMS = 1_000
 MAX_RECORDED_ARGUMENTS = 2_000_000
@@ -189,6 +190,29 @@ class Guard:
                 type=EventType.SESSION_END,
                 session_id=ctx.session_id,
                 identity=ctx.identity.subject,
+            )
+        )
+
+    async def record_auth_failure(
+        self,
+        reason: str,
+        *,
+        transport: str,
+        session_id: str,
+        detail: Mapping[str, str],
+        call_id: str | None = None,
+        tool: str | None = None,
+    ) -> None:
+        """A caller refused for its token: the reason and the token's fingerprint, never the token."""
+        await self.store.append(
+            AuditEvent(
+                type=EventType.AUTH_FAILURE,
+                session_id=session_id,
+                identity=UNAUTHENTICATED,
+                call_id=call_id,
+                tool=tool,
+                decision="deny",
+                detail={"reason": reason, "transport": transport, **detail},
             )
         )
 

@@ -21,6 +21,7 @@ class EventType(StrEnum):
     SESSION_END = "session_end"
     REQUEST = "request"
     OUTCOME = "outcome"
+    AUTH_FAILURE = "auth_failure"
 
 
 def utc_now() -> str:
