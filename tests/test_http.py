@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import shutil
+import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -231,3 +232,29 @@ async def test_a_request_of_the_sessionless_2026_protocol_is_a_session_of_its_ow
         EventType.SESSION_END,
     ] * 2
     assert sessions[0] == sessions[3] != sessions[4] == sessions[7]
+
+
+async def test_masks_follow_the_groups_in_each_callers_token(tmp_path, local_idp, sqlite_shop):
+    """One server, two callers at once: the analyst sees clear emails, support sees them masked."""
+    masking = (
+        '\n[[masking.rules]]\nname = "emails"\ncolumns = ["customers.email"]\nstrategy = "redact"\n'
+        'except_groups = ["analysts"]\n'
+    )
+    config = oidc_config(tmp_path, local_idp, sqlite_shop)
+    config.write_text(config.read_text().replace("\n[policy]", f"{masking}\n[policy]", 1))
+    sql = "SELECT email AS contact FROM customers WHERE id = 1"
+    with http_server(config, tmp_path, "streamable-http") as url:
+        async with (
+            guard_http_client(url, "streamable-http", local_idp.token("alice", ["analysts"])) as alice,
+            guard_http_client(url, "streamable-http", local_idp.token("bob", ["support"])) as bob,
+        ):
+            clear, masked = await asyncio.gather(
+                alice.call("query", connection="shop", sql=sql), bob.call("query", connection="shop", sql=sql)
+            )
+    assert not clear.is_error and not masked.is_error, (clear.text, masked.text)
+    with sqlite3.connect(sqlite_shop) as db:
+        (email,) = db.execute("SELECT email FROM customers WHERE id = 1").fetchone()
+    db.close()
+    assert clear.structured["rows"] == [[email]]
+    assert email not in masked.text and "@" not in masked.structured["rows"][0][0]
+    assert masked.structured["masked_columns"] and not clear.structured["masked_columns"]
