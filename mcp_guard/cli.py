@@ -12,7 +12,6 @@ import logging
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -59,13 +58,29 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         guard = await Guard.start(config)
+        _stop_on_sigterm()
         try:
             await serve_stdio(guard, identity)
+        except asyncio.CancelledError:
+            pass  # SIGTERM: the session's end is recorded and signed below, as on a clean close
         finally:
             await guard.close()
 
     asyncio.run(run())
     return EXIT_OK
+
+
+def _stop_on_sigterm() -> None:
+    """Turn SIGTERM into a cancellation of the serving task, so the session ends in the audit log."""
+    import signal
+
+    task = asyncio.current_task()
+    if task is None:
+        return
+    try:
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
+    except (NotImplementedError, RuntimeError):  # Windows: no signal handlers on the loop
+        pass
 
 
 # check ------------------------------------------------------------------------------------------
@@ -125,124 +140,6 @@ def cmd_check(args: argparse.Namespace) -> int:
             f"{escape(decision.reason)}"
         )
     return EXIT_OK if decision.allowed else EXIT_FAILED
-
-
-# audit ------------------------------------------------------------------------------------------
-
-
-def _store_for(args: argparse.Namespace) -> Any:
-    from mcp_guard.store import open_store
-
-    if args.store:
-        return open_store(args.store)
-    return open_store(_config(args).audit_url)
-
-
-async def _calls(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from mcp_guard.store.base import AuditFilter
-
-    store = _store_for(args)
-    await store.open()
-    try:
-        records = await store.query(
-            AuditFilter(
-                session_id=args.session,
-                identity=args.identity,
-                tool=args.tool,
-                since=args.since,
-                until=args.until,
-            )
-        )
-    finally:
-        await store.close()
-    calls: dict[str, dict[str, Any]] = {}
-    for record in records:
-        event = record.event
-        if event.call_id is None:
-            continue
-        call = calls.setdefault(event.call_id, {"call_id": event.call_id, "request": None, "outcome": None})
-        call["request" if event.type == "request" else "outcome"] = {"seq": record.seq, **event.as_dict()}
-    rows = [c for c in calls.values() if c["request"] is not None]
-    if args.decision:
-        rows = [c for c in rows if (c["outcome"] or {}).get("decision") == args.decision]
-    return rows[-args.limit :] if args.limit else rows
-
-
-def _one_line(text: str, width: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-def cmd_audit_list(args: argparse.Namespace) -> int:
-    calls = asyncio.run(_calls(args))
-    if args.json:
-        print(json.dumps(calls, indent=2, ensure_ascii=False))
-        return EXIT_OK
-    table = Table(title=f"{len(calls)} call(s)", title_justify="left", expand=False)
-    table.add_column("seq", justify="right", no_wrap=True)
-    table.add_column("time (UTC)", no_wrap=True)
-    table.add_column("identity", no_wrap=True)
-    table.add_column("tool", no_wrap=True)
-    table.add_column("decision (rule)")
-    table.add_column("sql / reason", ratio=1)
-    for call in calls:
-        request, outcome = call["request"], call["outcome"] or {}
-        detail = outcome.get("detail", {})
-        arguments = request["detail"].get("arguments", {})
-        what = escape(_one_line(str(arguments.get("sql") or arguments.get("table") or ""), 72))
-        if arguments.get("reason"):
-            what += f"\n[dim]reason: {escape(_one_line(str(arguments['reason']), 64))}[/]"
-        connection = outcome.get("connection") or request.get("connection")
-        tool = request["tool"] + (f" [dim]@{escape(connection)}[/]" if connection else "")
-        if not outcome:
-            verdict = "[yellow]no outcome recorded[/]"
-        else:
-            decision = outcome.get("decision") or detail.get("status", "")
-            colour = {"allow": "green", "deny": "red"}.get(decision, "yellow")
-            rule = detail.get("decision", {}).get("rule")
-            verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
-            if detail.get("status") == "error":
-                verdict += " [yellow]error[/]"
-        table.add_row(
-            str(request["seq"]),
-            request["ts"][:19].replace("T", " "),
-            request["identity"],
-            tool,
-            verdict,
-            what,
-        )
-    Console().print(table)
-    return EXIT_OK
-
-
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    async def run() -> Any:
-        store = _store_for(args)
-        await store.open()
-        try:
-            return await store.verify()
-        finally:
-            await store.close()
-
-    report = asyncio.run(run())
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": report.ok,
-                    "entries": report.entries,
-                    "head_hash": report.head_hash,
-                    "first_bad_seq": report.first_bad_seq,
-                    "problem": report.problem,
-                },
-                indent=2,
-            )
-        )
-    elif report.ok:
-        print(f"audit chain intact: {report.entries} entries, head {report.head_hash}")
-    else:
-        print(f"audit chain BROKEN: {report.problem}")
-    return EXIT_OK if report.ok else EXIT_FAILED
 
 
 # demo -------------------------------------------------------------------------------------------
@@ -308,26 +205,9 @@ def build_parser() -> argparse.ArgumentParser:
     installer.add_argument("--file", help="client configuration file to edit (default: the client's own)")
     installer.set_defaults(handler=cmd_install)
 
-    audit = commands.add_parser("audit", help="read and verify the audit log")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    from mcp_guard.audit.commands import register
 
-    def with_store(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        with_config(p)
-        p.add_argument("--store", help="audit store URL (default: from the configuration)")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        return p
-
-    listing = with_store(audit_commands.add_parser("list", help="list recorded calls"))
-    listing.add_argument("--session")
-    listing.add_argument("--identity")
-    listing.add_argument("--tool")
-    listing.add_argument("--decision", choices=["allow", "deny"])
-    listing.add_argument("--since", help="ISO time, e.g. 2026-11-26 or 2026-11-26T10:00")
-    listing.add_argument("--until", help="ISO time")
-    listing.add_argument("--limit", type=int, help="only the newest N calls")
-    listing.set_defaults(handler=cmd_audit_list)
-    verify = with_store(audit_commands.add_parser("verify", help="check the hash chain"))
-    verify.set_defaults(handler=cmd_audit_verify)
+    register(commands)
     return parser
 
 

@@ -32,6 +32,7 @@ from mcp_guard.redact import redact
 from mcp_guard.results import ToolResult, error_result, execute_result, query_result, text_table
 from mcp_guard.store import open_store
 from mcp_guard.store.base import AuditEvent, EventType, Store
+from mcp_guard.store.checkpoint import Checkpointer, load_signing_key
 from mcp_guard.values import JsonValue
 
 log = logging.getLogger(__name__)
@@ -79,12 +80,32 @@ def _dialect(url: str) -> str:
     return "sqlite" if url.startswith("sqlite:") else "postgres"
 
 
+async def _checkpointer(config: Config, store: Store) -> Checkpointer | None:
+    """Signed checkpoints as configured; the key is created on first use when none was given."""
+    every = config.settings.audit.checkpoint_every
+    if not every:
+        return None
+    key = load_signing_key(config.signing_key_path, create=True)
+    if key is None:
+        return None
+    checkpointer = Checkpointer(store, key, every, config.witness_path)
+    await checkpointer.start()
+    return checkpointer
+
+
 class Guard:
     """Holds the configuration, the audit store and one backend per connection."""
 
-    def __init__(self, config: Config, store: Store, backends: Mapping[str, Backend]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        backends: Mapping[str, Backend],
+        checkpointer: Checkpointer | None = None,
+    ) -> None:
         self.config = config
         self.store = store
+        self.checkpointer = checkpointer
         self._backends = dict(backends)
         self._opened: set[str] = set()
 
@@ -92,11 +113,16 @@ class Guard:
     async def start(cls, config: Config) -> Guard:
         store = open_store(config.audit_url)
         await store.open()
+        try:
+            checkpointer = await _checkpointer(config, store)
+        except BaseException:
+            await store.close()
+            raise
         backends = {
             name: open_backend(config.urls[name], pool_size=conn.pool_size)
             for name, conn in config.settings.connections.items()
         }
-        return cls(config, store, backends)
+        return cls(config, store, backends, checkpointer)
 
     async def close(self) -> None:
         for name in list(self._opened):
@@ -116,14 +142,18 @@ class Guard:
             )
         )
 
-    async def end_session(self, ctx: CallContext) -> None:
+    async def end_session(self, ctx: CallContext, detail: dict[str, JsonValue] | None = None) -> None:
+        """Record the end, then sign the head: a session's record is vouched for as soon as it closes."""
         await self.store.append(
             AuditEvent(
                 type=EventType.SESSION_END,
                 session_id=ctx.session_id,
                 identity=ctx.identity.subject,
+                detail=detail or {},
             )
         )
+        if self.checkpointer is not None:
+            await self.checkpointer.checkpoint(f"session end {ctx.session_id}")
 
     # tools --------------------------------------------------------------------------------------
 
@@ -227,14 +257,21 @@ class Guard:
         self, ctx: CallContext, call: _Call, status: str, result: ToolResult, seconds: float
     ) -> None:
         cap = self.config.settings.audit.response_cap
+        response: dict[str, JsonValue] = {
+            "text": result.text[:cap],
+            "text_truncated": len(result.text) > cap,
+            "is_error": result.is_error,
+        }
+        if result.structured is not None:
+            # the structured content the model was sent too, whole or not at all (a cut JSON is no record)
+            if len(json.dumps(result.structured, ensure_ascii=False)) <= cap:
+                response["structured"] = result.structured
+            else:
+                response["structured_omitted"] = True
         detail: dict[str, JsonValue] = {
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
-            "response": {
-                "text": result.text[:cap],
-                "text_truncated": len(result.text) > cap,
-                "is_error": result.is_error,
-            },
+            "response": response,
             **call.summary,
         }
         if call.classification is not None:

@@ -6,6 +6,9 @@ refusal is an error result the model reads; the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
 import uuid
 from typing import Annotated, Any
 
@@ -51,22 +54,45 @@ def _to_mcp(result: ToolResult) -> CallToolResult:
 
 
 class _Session:
-    """The one session of a stdio server process: recorded when the first call arrives."""
+    """The one session of a stdio server process: recorded when the client initializes (or, failing
+    that, at its first call), ended when the transport closes.
+
+    The start record names the process (host, pid, working directory) so that records a client hook
+    writes (`mcp-guard hook claude-code`) can be linked to this session; see mcp_guard/audit/prompts.py.
+    """
 
     def __init__(self, guard: Guard, identity: Identity) -> None:
         self.guard = guard
         self.identity = identity
         self.id = str(uuid.uuid4())
         self.context: CallContext | None = None
+        self._starting = asyncio.Lock()
 
     async def context_for(self, session: ServerSession) -> CallContext:
-        if self.context is None:
-            params = session.client_params
-            info = params.client_info if params else None
-            client = f"{info.name}/{info.version}" if info else None
-            self.context = CallContext(identity=self.identity, session_id=self.id, client=client)
-            await self.guard.start_session(self.context, {"transport": "stdio", "server": __version__})
+        if self.context is not None:
+            return self.context
+        async with self._starting:
+            if self.context is None:
+                self.context = await self._start(session)
         return self.context
+
+    async def _start(self, session: ServerSession) -> CallContext:
+        """Record the session's start; until that succeeds there is no session to call in."""
+        params = session.client_params
+        info = params.client_info if params else None
+        client = f"{info.name}/{info.version}" if info else None
+        context = CallContext(identity=self.identity, session_id=self.id, client=client)
+        await self.guard.start_session(
+            context,
+            {
+                "transport": "stdio",
+                "server": __version__,
+                "host": socket.gethostname(),
+                "pid": os.getpid(),
+                "cwd": os.getcwd(),
+            },
+        )
+        return context
 
     async def end(self) -> None:
         if self.context is not None:
@@ -78,11 +104,14 @@ def _text_of(result: CallToolResult) -> str:
 
 
 def _rejections_recorder(guard: Guard, session: _Session) -> ServerMiddleware[Any]:
-    """Audit tool calls the SDK refuses before any tool runs (unknown tool, arguments off the schema)."""
+    """Start the session's record when the client initializes, and audit tool calls the SDK refuses
+    before any tool runs (unknown tool, arguments off the schema)."""
 
     async def record(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         result = await call_next(ctx)
-        if (
+        if ctx.method == "notifications/initialized":  # the client's name and version are known by now
+            await session.context_for(ctx.session)
+        elif (
             ctx.method == "tools/call"
             and isinstance(result, CallToolResult)
             and result.is_error

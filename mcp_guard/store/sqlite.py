@@ -10,6 +10,11 @@ appending to the same file; and it is atomic, so a failed batch leaves nothing b
 indexed columns are extracted from the bodies by the same statement, so they match by
 construction.
 
+Besides the columns copied from the event, two index columns are derived from an outcome's
+classification by the same statement: `kind` (the riskiest statement kind) and `tables` (a JSON
+array), so that "which writes touched orders" is answered from an index; `verify` recomputes them
+from the hashed bytes. Signed checkpoints live in their own table (`checkpoint`), beside the chain.
+
 Durability: `synchronous="FULL"` (the default) syncs the WAL at every commit, so an entry
 that `append()` returned for survives a power cut or OS crash; that is the promise "intent is
 recorded before the statement runs" needs. `"NORMAL"` skips that sync (the WAL is synced at
@@ -24,6 +29,8 @@ import asyncio
 import json
 import os
 import sqlite3
+from collections.abc import AsyncIterator, Collection
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -32,9 +39,19 @@ import aiosqlite
 
 from mcp_guard.errors import AuditError, ConfigError, UsageError
 from mcp_guard.store import chain
-from mcp_guard.store.base import AuditEvent, AuditFilter, AuditRecord, Store, VerifyReport
+from mcp_guard.store.base import (
+    AuditEvent,
+    AuditFilter,
+    AuditRecord,
+    CallFilter,
+    StatsRow,
+    Store,
+    StoredCheckpoint,
+    VerifyReport,
+)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the chain. 2: adds the derived index columns kind and tables, and the checkpoint table."""
 
 _COLUMNS = (
     ("seq", "INTEGER"),
@@ -49,7 +66,20 @@ _COLUMNS = (
     ("prev_hash", "BLOB"),
     ("hash", "BLOB"),
     ("body", "BLOB"),
+    ("kind", "TEXT"),
+    ("tables", "TEXT"),
 )
+
+# The derived index columns: SQL over an entry's JSON text, the same at insert and at verify.
+_DERIVED = {
+    "kind": "{text} ->> '$.detail.classification.kind'",
+    "tables": "{text} -> '$.detail.classification.tables'",
+}
+
+
+def _derived(column: str, text: str, type_: str) -> str:
+    return f"CASE WHEN {type_} = 'outcome' THEN {_DERIVED[column].format(text=text)} END"
+
 
 # `type` has a handful of values and is left unindexed: a scan from the newest entry finds
 # plenty. Every index costs about 6 µs per commit.
@@ -66,7 +96,9 @@ _SCHEMA = (
         decision TEXT,
         prev_hash BLOB NOT NULL,
         hash BLOB NOT NULL,
-        body BLOB NOT NULL
+        body BLOB NOT NULL,
+        kind TEXT,
+        tables TEXT
     ) STRICT""",
     "CREATE INDEX audit_session ON audit (session_id)",
     "CREATE INDEX audit_identity ON audit (identity)",
@@ -74,13 +106,37 @@ _SCHEMA = (
     "CREATE INDEX audit_tool ON audit (tool)",
     "CREATE INDEX audit_decision ON audit (decision)",
     "CREATE INDEX audit_ts ON audit (ts)",
+)
+
+# Version 2, also the migration from version 1. `tables` is indexed with call_id so that a table
+# filter reads the small index only.
+_SCHEMA_2 = (
+    "CREATE INDEX audit_kind ON audit (kind) WHERE kind IS NOT NULL",
+    "CREATE INDEX audit_tables ON audit (tables, call_id) WHERE tables IS NOT NULL",
+    """CREATE TABLE checkpoint (
+        id INTEGER PRIMARY KEY,
+        entries INTEGER NOT NULL,
+        head BLOB NOT NULL,
+        text TEXT NOT NULL
+    ) STRICT""",
+    "CREATE INDEX checkpoint_entries ON checkpoint (entries)",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
+)
+
+_MIGRATE_1 = (
+    "ALTER TABLE audit ADD COLUMN kind TEXT",
+    "ALTER TABLE audit ADD COLUMN tables TEXT",
+    f"""UPDATE audit SET
+        kind = {_derived("kind", "CAST(body AS TEXT)", "type")},
+        tables = {_derived("tables", "CAST(body AS TEXT)", "type")}
+    WHERE type = 'outcome'""",
+    *_SCHEMA_2,
 )
 
 # ?1: the bodies as a JSON array of strings; ?2: chain.GENESIS. `batch` is materialized so the
 # recursion joins on it instead of re-reading the JSON for every step.
 _APPEND = f"""
-INSERT INTO audit (seq, {", ".join(chain.INDEXED)}, prev_hash, hash, body)
+INSERT INTO audit (seq, {", ".join(chain.INDEXED)}, prev_hash, hash, body, kind, tables)
 WITH RECURSIVE
     batch(n, text) AS MATERIALIZED (SELECT key + 1, value FROM json_each(?1)),
     head(seq, hash) AS (SELECT seq, hash FROM audit UNION ALL SELECT 0, ?2 ORDER BY seq DESC LIMIT 1),
@@ -90,12 +146,21 @@ WITH RECURSIVE
         SELECT b.n, l.seq + 1, l.hash, audit_link(l.seq + 1, l.hash, CAST(b.text AS BLOB)), b.text
         FROM linked AS l JOIN batch AS b ON b.n = l.n + 1
     )
-SELECT seq, {", ".join(f"text ->> '{name}'" for name in chain.INDEXED)}, prev_hash, hash, CAST(text AS BLOB)
+SELECT seq, {", ".join(f"text ->> '{name}'" for name in chain.INDEXED)}, prev_hash, hash, CAST(text AS BLOB),
+    {_derived("kind", "text", "text ->> 'type'")}, {_derived("tables", "text", "text ->> 'type'")}
 FROM linked WHERE n > 0
+RETURNING seq
 """
 
-_VERIFY = f"SELECT {', '.join(chain.ROW)} FROM audit ORDER BY seq"
+# The last value says whether the derived columns hold what the body holds; json_valid keeps an
+# edited, unparseable body from failing the whole read (the hash check names it).
+_BODY = "CAST(body AS TEXT)"
+_VERIFY = f"""SELECT {", ".join(chain.ROW)},
+    (NOT json_valid({_BODY}) AND kind IS NULL AND tables IS NULL) OR (json_valid({_BODY})
+        AND kind IS {_derived("kind", _BODY, "type")} AND tables IS {_derived("tables", _BODY, "type")})
+FROM audit WHERE seq > ? ORDER BY seq"""
 _VERIFY_CHUNK = 4096
+_CALLS_CHUNK = 256
 
 # What each SQLite error means for the person who must fix it.
 _CAUSES = {
@@ -127,7 +192,7 @@ class SqliteStore(Store):
         self.busy_timeout = busy_timeout
         self._db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
-        self._pending: list[tuple[str, asyncio.Future[None]]] = []
+        self._pending: list[tuple[str, asyncio.Future[int]]] = []
         self._wake = asyncio.Event()
         self._closing = False
 
@@ -166,11 +231,16 @@ class SqliteStore(Store):
         if mode is None or mode[0] != "wal":
             raise AuditError(f"audit store {self.path}: cannot switch to WAL mode (SQLite says {mode!r})")
         await db.execute(f"PRAGMA synchronous = {self.synchronous}")
-        if await self._version(db) == 0:
+        if await self._version(db) < SCHEMA_VERSION:
             await db.execute("BEGIN IMMEDIATE")  # another process may be creating it right now
             try:
-                if await self._version(db) == 0:
+                version = await self._version(db)
+                if version == 0:
                     await self._create(db)
+                elif version == 1:
+                    await self._check_layout(db, _COLUMNS[:-2])
+                    for statement in _MIGRATE_1:
+                        await db.execute(statement)
                 await db.execute("COMMIT")
             except BaseException:
                 await db.rollback()
@@ -191,10 +261,12 @@ class SqliteStore(Store):
                 f"audit store {self.path}: this SQLite file holds other data ({', '.join(sorted(tables))}) "
                 "and no mcp-guard audit log; give the audit store a file of its own"
             )
-        for statement in _SCHEMA:
+        for statement in (*_SCHEMA, *_SCHEMA_2):
             await db.execute(statement)
 
-    async def _check_layout(self, db: aiosqlite.Connection) -> None:
+    async def _check_layout(
+        self, db: aiosqlite.Connection, expected: tuple[tuple[str, str], ...] = _COLUMNS
+    ) -> None:
         version = await self._version(db)
         if version > SCHEMA_VERSION:
             raise AuditError(
@@ -203,11 +275,11 @@ class SqliteStore(Store):
             )
         kind = await db.execute_fetchall("SELECT type FROM sqlite_master WHERE name = 'audit'")
         columns = tuple((row[1], row[2]) for row in await db.execute_fetchall("PRAGMA table_info(audit)"))
-        if [tuple(row) for row in kind] != [("table",)] or columns != _COLUMNS:
+        if [tuple(row) for row in kind] != [("table",)] or columns != expected:
             found = ", ".join(name for name, _ in columns) or "no audit table"
             raise AuditError(
                 f"audit store {self.path}: not an mcp-guard audit log (found {found}; expected a table "
-                f"audit with {', '.join(name for name, _ in _COLUMNS)}); the file was altered or belongs "
+                f"audit with {', '.join(name for name, _ in expected)}); the file was altered or belongs "
                 "to something else"
             )
         triggers = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'trigger'")
@@ -230,14 +302,17 @@ class SqliteStore(Store):
 
     # appends ------------------------------------------------------------------------------------
 
-    async def append(self, event: AuditEvent) -> None:
+    async def append(self, event: AuditEvent) -> int:
         body = chain.canonical(event)
         if self._db is None or self._closing:
             raise AuditError(f"audit store {self.path}: is not open; nothing can be recorded")
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._pending.append((body.decode(), done))
         self._wake.set()
-        await done
+        seq = await done
+        if self._after_append is not None:
+            await self._after_append(seq)
+        return seq
 
     async def _write_loop(self) -> None:
         """Write whatever is pending, batch after batch, until closed and drained."""
@@ -250,11 +325,12 @@ class SqliteStore(Store):
             if self._closing:
                 return
 
-    async def _write(self, batch: list[tuple[str, asyncio.Future[None]]]) -> None:
+    async def _write(self, batch: list[tuple[str, asyncio.Future[int]]]) -> None:
         assert self._db is not None
         bodies = json.dumps([body for body, _ in batch], ensure_ascii=False)
         try:
-            await self._db.execute(_APPEND, (bodies, chain.GENESIS))
+            rows = await self._db.execute_fetchall(_APPEND, (bodies, chain.GENESIS))
+            first = min(row[0] for row in rows)  # the batch is linked in order: seqs first, first + 1, ...
         except Exception as exc:  # every failure is the waiting callers' to hear; the writer lives on
             action = (
                 "the entry was not recorded" if len(batch) == 1 else f"{len(batch)} entries were not recorded"
@@ -265,15 +341,14 @@ class SqliteStore(Store):
                     error.__cause__ = exc
                     done.set_exception(error)
             return
-        for _, done in batch:
+        for index, (_, done) in enumerate(batch):
             if not done.done():
-                done.set_result(None)
+                done.set_result(first + index)
 
     # reading ------------------------------------------------------------------------------------
 
     async def query(self, flt: AuditFilter) -> list[AuditRecord]:
-        if self._db is None:
-            raise AuditError(f"audit store {self.path}: is not open")
+        db = self._open_db()
         where, params = _where(flt)
         sql = f"SELECT seq, prev_hash, hash, body FROM audit{where} ORDER BY seq"
         if flt.limit is not None:
@@ -283,33 +358,196 @@ class SqliteStore(Store):
             sql = f"SELECT * FROM ({newest}) ORDER BY seq"
             params.append(flt.limit)
         try:
-            rows = await self._db.execute_fetchall(sql, params)
+            rows = await db.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
             raise self._error("cannot read it", exc) from exc
-        records = []
-        for seq, prev_hash, digest, body in rows:
-            try:
-                event = chain.decode(body)
-            except AuditError as exc:
-                raise AuditError(
-                    f"audit store {self.path}: entry {seq}: {exc}; run `mcp-guard audit verify`"
-                ) from exc
-            records.append(AuditRecord(seq, prev_hash.hex(), digest.hex(), body, event))
-        return records
+        return [self._record(row) for row in rows]
 
-    async def verify(self) -> VerifyReport:
-        """Stream every entry through `chain.Verifier` from one read snapshot, on its own connection."""
-        verifier = chain.Verifier()
+    async def entries(self, first: int, last: int) -> list[AuditRecord]:
+        rows = await self._read(
+            "SELECT seq, prev_hash, hash, body FROM audit WHERE seq BETWEEN ? AND ? ORDER BY seq",
+            (first, last),
+        )
+        return [self._record(row) for row in rows]
+
+    async def session_ids(self, prefix: str, limit: int) -> list[str]:
+        if prefix:  # through the session index
+            sql = "SELECT session_id FROM audit WHERE session_id >= ? AND session_id < ? AND type = ?"
+            params: tuple[Any, ...] = (prefix, prefix + "\U0010ffff", "session_start", limit)
+        else:  # the newest first, from the end of the table
+            sql, params = "SELECT session_id FROM audit WHERE type = ?", ("session_start", limit)
+        rows = await self._read(f"{sql} ORDER BY seq DESC LIMIT ?", params)
+        return [str(row[0]) for row in rows]
+
+    async def call_ids(self, prefix: str, limit: int) -> list[str]:
+        rows = await self._read(
+            "SELECT DISTINCT call_id FROM audit WHERE call_id >= ? AND call_id < ? ORDER BY call_id LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit),
+        )
+        return [str(row[0]) for row in rows]
+
+    def _record(self, row: Any) -> AuditRecord:
+        seq, prev_hash, digest, body = row
+        try:
+            event = chain.decode(body)
+        except AuditError as exc:
+            raise AuditError(
+                f"audit store {self.path}: entry {seq}: {exc}; run `mcp-guard audit verify`"
+            ) from exc
+        return AuditRecord(seq, prev_hash.hex(), digest.hex(), body, event)
+
+    def _open_db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise AuditError(f"audit store {self.path}: is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A read-only connection holding one read transaction: every query sees the same entries."""
+        self._open_db()
         try:
             async with aiosqlite.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True) as db:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                async with db.execute(_VERIFY) as cursor:
-                    while rows := await cursor.fetchmany(_VERIFY_CHUNK):
-                        if not verifier.feed(rows):
-                            break
+                await db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    await db.rollback()
         except sqlite3.Error as exc:
             raise self._error("cannot read it", exc) from exc
+
+    async def calls(self, flt: CallFilter) -> AsyncIterator[list[AuditRecord]]:
+        sql, params = _calls_sql(flt)
+        async with self._snapshot() as db:
+            if flt.limit is not None:
+                rows = list(reversed(await db.execute_fetchall(sql, params)))
+                chunks = [rows[i : i + _CALLS_CHUNK] for i in range(0, len(rows), _CALLS_CHUNK)]
+                for chunk in chunks:
+                    for call in await self._gather_calls(db, chunk):
+                        yield call
+                return
+            async with db.execute(sql, params) as cursor:
+                while chunk := await cursor.fetchmany(_CALLS_CHUNK):
+                    for call in await self._gather_calls(db, chunk):
+                        yield call
+
+    async def _gather_calls(self, db: aiosqlite.Connection, chunk: Any) -> list[list[AuditRecord]]:
+        """Every entry of the calls named in `chunk` ((request seq, call_id) rows), in that order."""
+        ids = list(dict.fromkeys(row[1] for row in chunk))
+        marks = ", ".join("?" * len(ids))
+        rows = await db.execute_fetchall(
+            f"SELECT seq, prev_hash, hash, body FROM audit WHERE call_id IN ({marks}) ORDER BY seq", ids
+        )
+        grouped: dict[str, list[AuditRecord]] = {call_id: [] for call_id in ids}
+        for row in rows:
+            record = self._record(row)
+            grouped[str(record.event.call_id)].append(record)
+        return [entries for entries in grouped.values() if entries]
+
+    async def stats(self, flt: CallFilter) -> list[StatsRow]:
+        matched, params = _calls_sql(flt, columns="r.call_id, r.identity, r.ts", ordered=False)
+        sql = f"""
+            SELECT m.identity, substr(m.ts, 1, 10) AS day, count(*),
+                coalesce(sum(o.kind IS NOT NULL AND o.kind <> 'read'), 0),
+                coalesce(sum(o.decision = 'deny'), 0),
+                coalesce(sum(CAST(o.body AS TEXT) ->> '$.detail.status' = 'error'), 0),
+                coalesce(sum(o.decision = 'approve' OR EXISTS (
+                    SELECT 1 FROM audit AS a WHERE a.call_id = m.call_id AND a.type LIKE 'approval%'
+                )), 0),
+                coalesce(sum(CAST(o.body AS TEXT) ->> '{MASKED_CELLS}'), 0)
+            FROM ({matched}) AS m
+            LEFT JOIN audit AS o ON o.call_id = m.call_id AND o.type = 'outcome'
+            GROUP BY 1, 2 ORDER BY 2, 1"""
+        async with self._snapshot() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return [StatsRow(*(str(v) if i < 2 else int(v) for i, v in enumerate(row))) for row in rows]
+
+    async def verify(
+        self, *, base: tuple[int, bytes] | None = None, watch: Collection[int] = ()
+    ) -> VerifyReport:
+        """Stream every entry through `chain.Verifier` from one read snapshot, on its own connection."""
+        verifier = chain.Verifier(base, watch)
+        async with self._snapshot() as db:
+            async with db.execute(_VERIFY, (base[0] if base else 0,)) as cursor:
+                while rows := await cursor.fetchmany(_VERIFY_CHUNK):
+                    if not verifier.feed(rows):
+                        break
         return verifier.report()
+
+    async def head(self) -> tuple[int, str] | None:
+        rows = await self._read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return (rows[0][0], rows[0][1].hex()) if rows else None
+
+    async def first_seq(self) -> int | None:
+        rows = await self._read("SELECT seq FROM audit ORDER BY seq LIMIT 1")
+        return int(rows[0][0]) if rows else None
+
+    async def entry_hash(self, seq: int) -> str | None:
+        rows = await self._read("SELECT hash FROM audit WHERE seq = ?", (seq,))
+        return rows[0][0].hex() if rows and isinstance(rows[0][0], bytes) else None
+
+    async def first_at_or_after(self, ts: str) -> int | None:
+        """The oldest entry recorded at `ts` or later (for pruning by date)."""
+        rows = await self._read("SELECT min(seq) FROM audit WHERE ts >= ?", (_utc("before", ts),))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        try:
+            return await self._open_db().execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise self._error("cannot read it", exc) from exc
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    async def add_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
+        try:
+            await self._open_db().execute(
+                "INSERT INTO checkpoint (entries, head, text) VALUES (?, ?, ?)",
+                (checkpoint.entries, bytes.fromhex(checkpoint.head), checkpoint.text),
+            )
+        except sqlite3.Error as exc:
+            raise self._error("cannot record the checkpoint", exc) from exc
+
+    async def checkpoints(self) -> list[StoredCheckpoint]:
+        rows = await self._read("SELECT entries, head, text FROM checkpoint ORDER BY entries, id")
+        return [
+            StoredCheckpoint(int(entries), head.hex() if isinstance(head, bytes) else str(head), str(text))
+            for entries, head, text in rows
+        ]
+
+    async def prune(self, checkpoint: StoredCheckpoint) -> int:
+        """One transaction on its own connection: keep the checkpoint, then remove what it vouches for."""
+        self._open_db()
+        try:
+            async with aiosqlite.connect(self.path, isolation_level=None) as db:
+                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    head = await db.execute_fetchall(
+                        "SELECT hash, (SELECT max(seq) FROM audit) FROM audit WHERE seq = ?",
+                        (checkpoint.entries,),
+                    )
+                    if not head or head[0][0] != bytes.fromhex(checkpoint.head):
+                        raise AuditError(
+                            f"audit store {self.path}: entry {checkpoint.entries} is not the one the "
+                            "checkpoint vouches for; nothing was removed"
+                        )
+                    if head[0][1] == checkpoint.entries:
+                        raise UsageError("the newest entry is always kept; nothing was removed")
+                    await db.execute(
+                        "INSERT INTO checkpoint (entries, head, text) VALUES (?, ?, ?)",
+                        (checkpoint.entries, bytes.fromhex(checkpoint.head), checkpoint.text),
+                    )
+                    cursor = await db.execute("DELETE FROM audit WHERE seq <= ?", (checkpoint.entries,))
+                    removed = cursor.rowcount
+                    await db.execute("DELETE FROM checkpoint WHERE entries < ?", (checkpoint.entries,))
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.rollback()
+                    raise
+        except sqlite3.Error as exc:
+            raise self._error("cannot prune it", exc) from exc
+        return int(removed)
 
     # errors -------------------------------------------------------------------------------------
 
@@ -327,7 +565,7 @@ class SqliteStore(Store):
 def _where(flt: AuditFilter) -> tuple[str, list[Any]]:
     """SQL conditions and parameters for every field of the filter that is set."""
     conditions, params = [], []
-    for column in ("session_id", "identity", "tool", "decision", "call_id", "type"):
+    for column in ("session_id", "identity", "tool", "decision", "call_id", "type", "connection", "kind"):
         value = getattr(flt, column)
         if value is not None:
             conditions.append(f"{column} = ?")
@@ -337,7 +575,70 @@ def _where(flt: AuditFilter) -> tuple[str, list[Any]]:
         if value is not None:
             conditions.append(f"ts {operator} ?")
             params.append(_utc(name, value))
+    if flt.table is not None:
+        conditions.append(_TABLE_MATCH.format(alias=""))
+        params.extend([flt.table.lower()] * 3)
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
+
+
+MASKED_CELLS = "$.detail.masked_cells"
+"""Where an outcome records how many cells masking replaced (counted by `stats`)."""
+
+# A table name matches itself and, unqualified, any schema's table of that name.
+_TABLE_MATCH = (
+    "{alias}tables IS NOT NULL AND EXISTS (SELECT 1 FROM json_each({alias}tables) AS t"
+    " WHERE lower(t.value) = ? OR substr(lower(t.value), -length(?) - 1) = '.' || ?)"
+)
+
+# Entries a call gains between request and outcome (approvals) that name `approver`.
+_APPROVER_MATCH = (
+    "EXISTS (SELECT 1 FROM audit AS a WHERE a.call_id = r.call_id AND a.type NOT IN ('request', 'outcome')"
+    " AND (a.identity = ? OR CAST(a.body AS TEXT) ->> '$.detail.approver' = ?))"
+)
+
+
+def _calls_sql(
+    flt: CallFilter, columns: str = "r.seq, r.call_id", ordered: bool = True
+) -> tuple[str, list[Any]]:
+    """The requests of the calls that match, joined to their outcome when the filter asks about it."""
+    request, outcome, params = ["r.type = 'request'"], [], []
+    for column in ("session_id", "identity", "tool"):
+        value = getattr(flt, column)
+        if value is not None:
+            request.append(f"r.{column} = ?")
+            params.append(value)
+    for name, operator in (("since", ">="), ("until", "<")):
+        value = getattr(flt, name)
+        if value is not None:
+            request.append(f"r.ts {operator} ?")
+            params.append(_utc(name, value))
+    if flt.text:
+        request.append("instr(lower(CAST(r.body AS TEXT) ->> '$.detail.arguments.sql'), lower(?)) > 0")
+        params.append(flt.text)
+    if flt.approver is not None:
+        request.append(_APPROVER_MATCH)
+        params.extend([flt.approver] * 2)
+    outcome_params: list[Any] = []
+    for column in ("connection", "decision", "kind"):
+        value = getattr(flt, column)
+        if value is not None:
+            outcome.append(f"o.{column} = ?")
+            outcome_params.append(value)
+    if flt.writes:
+        outcome.append("o.kind IS NOT NULL AND o.kind <> 'read'")
+    if flt.table is not None:
+        outcome.append(_TABLE_MATCH.format(alias="o."))
+        outcome_params.extend([flt.table.lower()] * 3)
+    sql = f"SELECT {columns} FROM audit AS r"
+    if outcome:
+        sql += " JOIN audit AS o ON o.call_id = r.call_id AND o.type = 'outcome'"
+    sql += " WHERE " + " AND ".join(request + outcome)
+    params += outcome_params
+    if flt.limit is not None:
+        if flt.limit < 0:
+            raise UsageError(f"limit must be 0 or more, not {flt.limit}")
+        return f"{sql} ORDER BY r.seq DESC LIMIT ?", [*params, flt.limit]
+    return (f"{sql} ORDER BY r.seq" if ordered else sql), params
 
 
 def _utc(name: str, value: str) -> str:
