@@ -141,8 +141,9 @@ def _details(call: Mapping[str, Any]) -> list[RenderableType]:
             )
         shown.append(table)
     entries = Table(title="entries in the chain", title_justify="left", expand=False)
-    for column in ("seq", "type", "hash"):
-        entries.add_column(column)
+    entries.add_column("seq")
+    entries.add_column("type")
+    entries.add_column("hash", overflow="fold")
     for entry in call.get("entries") or []:
         entries.add_row(str(entry["seq"]), Text(str(entry["type"])), Text(str(entry["hash"])))
     shown.append(entries)
