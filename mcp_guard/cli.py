@@ -9,6 +9,7 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -58,29 +59,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     async def run() -> None:
         guard = await Guard.start(config)
-        _stop_on_sigterm()
         try:
-            await serve_stdio(guard, identity)
-        except asyncio.CancelledError:
-            pass  # SIGTERM: the session's end is recorded and signed below, as on a clean close
+            signalled = await serve_stdio(guard, identity)
         finally:
             await guard.close()
+        if signalled:
+            # The session's end is recorded and the audit closed. The transport's stdin reader is a
+            # thread blocked in read(), which nothing can interrupt: leave instead of waiting for input.
+            os._exit(EXIT_OK)
 
     asyncio.run(run())
     return EXIT_OK
-
-
-def _stop_on_sigterm() -> None:
-    """Turn SIGTERM into a cancellation of the serving task, so the session ends in the audit log."""
-    import signal
-
-    task = asyncio.current_task()
-    if task is None:
-        return
-    try:
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    except (NotImplementedError, RuntimeError):  # Windows: no signal handlers on the loop
-        pass
 
 
 # check ------------------------------------------------------------------------------------------

@@ -7,7 +7,9 @@ refusal is an error result the model reads; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import socket
 import uuid
 from typing import Annotated, Any
@@ -188,9 +190,24 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
     return server, session
 
 
-async def serve_stdio(guard: Guard, identity: Identity) -> None:
+async def serve_stdio(guard: Guard, identity: Identity) -> bool:
+    """Serve until the client closes stdin (False) or SIGTERM or SIGINT arrives (True); the session's end
+    is recorded either way. After True the transport may still hold a reader thread blocked on stdin."""
     server, session = build_server(guard, identity)
+    serving = asyncio.ensure_future(server.run_stdio_async())
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
+            loop.add_signal_handler(number, signalled.set)
+    waiting = asyncio.ensure_future(signalled.wait())
     try:
-        await server.run_stdio_async()
+        await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
     finally:
+        waiting.cancel()
         await session.end()
+    if serving.done():
+        serving.result()
+        return False
+    serving.cancel()
+    return True
