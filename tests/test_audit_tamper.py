@@ -243,3 +243,54 @@ def test_checkpoints_parse_back_to_the_same_text(home):
     found = parse_checkpoints(text, "witness")
     assert [f.checkpoint.entries for f in found] == [4, 8, 12, 12]
     assert "\n".join(f.checkpoint.text for f in found) + "\n" == text
+
+
+def _swap(conn: sqlite3.Connection, a: int, b: int) -> None:
+    conn.execute("UPDATE audit SET seq = -1 WHERE seq = ?", (a,))
+    conn.execute("UPDATE audit SET seq = ? WHERE seq = ?", (a, b))
+    conn.execute("UPDATE audit SET seq = ? WHERE seq = -1", (b,))
+
+
+def _rehash_one(conn: sqlite3.Connection, seq: int) -> None:
+    """Edit entry `seq` and fix its own hash only: the break shows at the next entry's prev_hash."""
+    replace_in_body(conn, seq, "order 7 shipped", "order 8 shipped")
+    prev, body = conn.execute("SELECT prev_hash, body FROM audit WHERE seq = ?", (seq,)).fetchone()
+    conn.execute("UPDATE audit SET hash = ? WHERE seq = ?", (link(seq, prev, body), seq))
+
+
+TAMPERING = {
+    "untouched": lambda conn: None,
+    "rehashed up to a seam": lambda conn: _rehash_one(conn, 4),
+    "reordered across a seam": lambda conn: _swap(conn, 4, 5),
+    "edited in the last range": lambda conn: replace_in_body(conn, 10, "list_tables", "list_tablez"),
+    "first entry of a range deleted": lambda conn: conn.execute("DELETE FROM audit WHERE seq = 9"),
+    "rehashed from a range's start": lambda conn: (
+        replace_in_body(conn, 5, "SELECT", "select"),
+        rehash_from(conn, 5),
+    ),
+}
+
+
+@pytest.mark.parametrize("tamper", TAMPERING.values(), ids=TAMPERING.keys())
+def test_verifying_in_parallel_ranges_finds_exactly_what_one_pass_finds(home, monkeypatch, tamper):
+    """A large store is verified by several processes, one seq range each; the seams are checked too."""
+    import asyncio
+
+    from mcp_guard.store import sqlite as engine
+
+    tamper(db(home))
+    monkeypatch.setattr(engine, "_PARALLEL_MIN", 2)
+
+    async def both() -> tuple[object, object]:
+        reports = []
+        for workers in (1, 3):
+            store = engine.SqliteStore(home / "audit.db", verify_workers=workers)
+            await store.open()
+            try:
+                reports.append(await store.verify(watch={4, 8, 11}))
+            finally:
+                await store.close()
+        return reports[0], reports[1]
+
+    single, parallel = asyncio.run(both())
+    assert parallel == single

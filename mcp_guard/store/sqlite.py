@@ -26,11 +26,15 @@ lone append; under concurrent load group commit shares one sync among the whole 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import multiprocessing
 import os
 import sqlite3
 from collections.abc import AsyncIterator, Collection
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
@@ -152,14 +156,18 @@ FROM linked WHERE n > 0
 RETURNING seq
 """
 
-# The last value says whether the derived columns hold what the body holds; json_valid keeps an
-# edited, unparseable body from failing the whole read (the hash check names it).
+# The last value says whether the derived columns hold what the body holds. Only outcomes are parsed;
+# json_valid keeps an edited, unparseable body from failing the whole read (the hash check names it).
 _BODY = "CAST(body AS TEXT)"
+_KIND, _TABLES = (_DERIVED[name].format(text=_BODY) for name in ("kind", "tables"))
 _VERIFY = f"""SELECT {", ".join(chain.ROW)},
-    (NOT json_valid({_BODY}) AND kind IS NULL AND tables IS NULL) OR (json_valid({_BODY})
-        AND kind IS {_derived("kind", _BODY, "type")} AND tables IS {_derived("tables", _BODY, "type")})
-FROM audit WHERE seq > ? ORDER BY seq"""
+    CASE WHEN type <> 'outcome' OR NOT json_valid({_BODY}) THEN kind IS NULL AND tables IS NULL
+        ELSE kind IS ({_KIND}) AND tables IS ({_TABLES})
+    END
+FROM audit WHERE seq BETWEEN ? AND ? ORDER BY seq"""
 _VERIFY_CHUNK = 4096
+_PARALLEL_MIN = 150_000
+"""Entries per process below which verification stays in one process (starting one costs ~0.2 s)."""
 _CALLS_CHUNK = 256
 
 # What each SQLite error means for the person who must fix it.
@@ -184,12 +192,14 @@ class SqliteStore(Store):
         *,
         synchronous: Literal["FULL", "NORMAL"] = "FULL",
         busy_timeout: float = 5.0,
+        verify_workers: int = min(8, os.cpu_count() or 1),
     ) -> None:
         if synchronous not in ("FULL", "NORMAL"):
             raise ConfigError(f"synchronous must be FULL or NORMAL, not {synchronous!r}")
         self.path = path
         self.synchronous = synchronous
         self.busy_timeout = busy_timeout
+        self.verify_workers = verify_workers
         self._db: aiosqlite.Connection | None = None
         self._writer: asyncio.Task[None] | None = None
         self._pending: list[tuple[str, asyncio.Future[int]]] = []
@@ -465,14 +475,27 @@ class SqliteStore(Store):
     async def verify(
         self, *, base: tuple[int, bytes] | None = None, watch: Collection[int] = ()
     ) -> VerifyReport:
-        """Stream every entry through `chain.Verifier` from one read snapshot, on its own connection."""
-        verifier = chain.Verifier(base, watch)
-        async with self._snapshot() as db:
-            async with db.execute(_VERIFY, (base[0] if base else 0,)) as cursor:
-                while rows := await cursor.fetchmany(_VERIFY_CHUNK):
-                    if not verifier.feed(rows):
-                        break
-        return verifier.report()
+        """Stream every entry through `chain.Verifier`; a large store is split into seq ranges verified in
+        parallel processes, whose seams are checked here (each range's first prev_hash against the hash
+        the range before ended on)."""
+        start = base[0] + 1 if base else 1
+        head = await self.head()
+        last = head[0] if head else 0
+        workers = min(self.verify_workers, (last - start + 1) // _PARALLEL_MIN)
+        if workers <= 1:
+            async with self._snapshot() as db:
+                return await _verify_rows(db, chain.Verifier(base, watch), start, max(last, start))
+        bounds = [start + (last - start + 1) * k // workers for k in range(workers + 1)]
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(pool, _verify_range, str(self.path), lo, hi - 1, frozenset(watch))
+                    for lo, hi in itertools.pairwise(bounds)
+                )
+            )
+        return _join(parts, base)
 
     async def head(self) -> tuple[int, str] | None:
         rows = await self._read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
@@ -560,6 +583,75 @@ class SqliteStore(Store):
             if explained:
                 cause = f"{explained.format(timeout=self.busy_timeout)} ({exc})"
         return AuditError(f"audit store {self.path}: {action}: {cause}")
+
+
+async def _verify_rows(db: aiosqlite.Connection, verifier: chain.Verifier, lo: int, hi: int) -> VerifyReport:
+    async with db.execute(_VERIFY, (lo, hi)) as cursor:
+        # SQLite reads the next chunk in aiosqlite's thread while this one is hashed here
+        pending = asyncio.ensure_future(cursor.fetchmany(_VERIFY_CHUNK))
+        while rows := await pending:
+            pending = asyncio.ensure_future(cursor.fetchmany(_VERIFY_CHUNK))
+            if not verifier.feed(rows):
+                await pending
+                break
+    return verifier.report()
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """What one process found in entries lo..hi: the prev_hash its first entry claims, and its report."""
+
+    lo: int
+    first_prev: bytes | None
+    report: VerifyReport
+
+
+def _verify_range(path: str, lo: int, hi: int, watch: frozenset[int]) -> _Range:
+    """In a worker process: verify entries lo..hi as if the first one's prev_hash were right."""
+    db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        db.execute("BEGIN")
+        cursor = db.execute(_VERIFY, (lo, hi))
+        rows = cursor.fetchmany(_VERIFY_CHUNK)
+        first_prev = rows[0][1] if rows and rows[0][0] == lo and isinstance(rows[0][1], bytes) else None
+        verifier = chain.Verifier((lo - 1, first_prev or chain.GENESIS), watch)
+        while rows and verifier.feed(rows):
+            rows = cursor.fetchmany(_VERIFY_CHUNK)
+        return _Range(lo, first_prev, verifier.report())
+    finally:
+        db.close()
+
+
+def _join(parts: list[_Range], base: tuple[int, bytes] | None) -> VerifyReport:
+    """One report from consecutive ranges: each must begin where the one before ended."""
+    expected = base[1] if base else chain.GENESIS
+    watched: dict[int, str] = {}
+    done = parts[0].report
+    for part in parts:
+        report = part.report
+        if part.first_prev is not None and part.first_prev != expected:
+            problem = (
+                "prev_hash is not the genesis value (edited, or entries before it removed)"
+                if part.lo == 1
+                else f"prev_hash does not match entry {part.lo - 1} (inserted or reordered)"
+            )
+            report = VerifyReport(
+                False, part.lo - 1, done.head_hash, part.lo, f"entry {part.lo}: {problem}", done.first_seq
+            )
+        watched.update(report.watched)
+        done = VerifyReport(
+            report.ok,
+            report.entries,
+            report.head_hash if report.entries >= part.lo else done.head_hash,
+            report.first_bad_seq,
+            report.problem,
+            parts[0].report.first_seq,
+            {seq: digest for seq, digest in watched.items() if seq <= report.entries},
+        )
+        if not report.ok:
+            break
+        expected = bytes.fromhex(report.head_hash) if report.head_hash else expected
+    return done
 
 
 def _where(flt: AuditFilter) -> tuple[str, list[Any]]:
