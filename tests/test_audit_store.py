@@ -333,3 +333,57 @@ def test_the_approver_filter_finds_calls_by_an_entry_recorded_between_request_an
     assert [c["call_id"] for c in found] == ["s1-call-1"]
     assert found[0]["trail"][0]["identity"] == "local:bob"
     assert audit_json(capsys, "audit", "list", "--approver", "local:carol") == []
+
+
+HOSTILE_SQL = "SELECT 1 -- \x1b[2J\x1b[1;1H all clear"
+HOSTILE_REASON = '=HYPERLINK("http://evil") [bold red]not markup[/]'
+
+
+def hostile_call() -> list[AuditEvent]:
+    """A call whose text an assistant controls: terminal escapes, rich markup, a spreadsheet formula."""
+    args = {"sql": HOSTILE_SQL, "reason": HOSTILE_REASON, "params": [], "connection": None}
+    return [
+        AuditEvent(EventType.SESSION_START, "s9", "local:[blink]x", detail={"cwd": "/tmp/\x1b]0;pwned\x07"}),
+        AuditEvent(
+            EventType.REQUEST,
+            "s9",
+            "local:[blink]x",
+            "call-hostile-9",
+            "execute",
+            None,
+            detail={"arguments": args},
+        ),
+        AuditEvent(
+            EventType.OUTCOME,
+            "s9",
+            "local:[blink]x",
+            "call-hostile-9",
+            "execute",
+            "shop",
+            "deny",
+            detail={"status": "denied", "response": {"text": "no \x1b[31mred\x1b[0m", "is_error": True}},
+        ),
+    ]
+
+
+@pytest.mark.parametrize(
+    "command",
+    [("audit", "list"), ("replay", "latest"), ("audit", "show", "call-hostile-9"), ("audit", "sessions")],
+)
+def test_recorded_text_cannot_drive_the_auditors_terminal(home, capsys, monkeypatch, command):
+    asyncio.run(appended(home / "audit.db", hostile_call()))
+    monkeypatch.setenv("COLUMNS", "300")
+    code, out, _ = audit_cli(capsys, *command)
+    assert code == 0
+    assert "\x1b" not in out and "\x07" not in out
+    assert "\\x1b" in out
+    assert "local:[blink]x" in out  # shown as written, not taken for markup
+
+
+def test_csv_export_neutralises_formulas_and_jsonl_keeps_them_exact(home, capsys):
+    asyncio.run(appended(home / "audit.db", hostile_call()))
+    _, out, _ = audit_cli(capsys, "audit", "export", "--format", "csv")
+    (row,) = list(__import__("csv").DictReader(__import__("io").StringIO(out)))
+    assert row["reason"] == "'" + HOSTILE_REASON and row["sql"] == HOSTILE_SQL
+    _, out, _ = audit_cli(capsys, "audit", "export")
+    assert json.loads(out)["reason"] == HOSTILE_REASON

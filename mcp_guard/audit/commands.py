@@ -21,6 +21,7 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from mcp_guard.audit.render import safe
 from mcp_guard.config import AuditSettings, audit_locations, config_path_from_env, read_settings
 from mcp_guard.errors import AuditError, UsageError
 from mcp_guard.store.base import CallFilter, Store
@@ -147,26 +148,33 @@ def cmd_list(args: argparse.Namespace) -> int:
     table.add_column("decision (rule)")
     table.add_column("sql / reason", ratio=1)
     for call in calls:
-        what = Text(_one_line(call.sql or str(call.arguments.get("table") or ""), 72))
+        what = Text(safe(_one_line(call.sql or str(call.arguments.get("table") or ""), 72)))
         if call.reason:
-            what.append(f"\nreason: {_one_line(call.reason, 64)}", style="dim")
-        tool = Text(call.tool)
+            what.append(safe(f"\nreason: {_one_line(call.reason, 64)}"), style="dim")
+        tool = Text(safe(call.tool))
         if call.connection:
-            tool.append(f" @{call.connection}", style="dim")
+            tool.append(safe(f" @{call.connection}"), style="dim")
         if call.outcome is None:
             verdict = Text("no outcome recorded", style="yellow")
         else:
             decision = call.decision or call.status
-            verdict = Text(decision, style={"allow": "green", "deny": "red"}.get(decision, "yellow"))
+            verdict = Text(safe(decision), style={"allow": "green", "deny": "red"}.get(decision, "yellow"))
             if call.rule:
-                verdict.append(f" ({call.rule})", style="dim")
+                verdict.append(safe(f" ({call.rule})"), style="dim")
             if call.status == "error":
                 verdict.append(" error", style="yellow")
         if call.trail:
             verdict.append(
                 f"\n{len(call.trail)} more entr{'y' if len(call.trail) == 1 else 'ies'}", style="magenta"
             )
-        table.add_row(str(call.seq), call.ts[:19].replace("T", " "), call.identity, tool, verdict, what)
+        table.add_row(
+            str(call.seq),
+            Text(safe(call.ts[:19].replace("T", " "))),
+            Text(safe(call.identity)),
+            tool,
+            verdict,
+            what,
+        )
     Console().print(table)
     return EXIT_OK
 
@@ -188,12 +196,17 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         table.add_column(column, no_wrap=column != "directory")
     for session in sessions:
         table.add_row(
-            session["session_id"],
-            str(session["started"] or "")[:19].replace("T", " "),
-            str(session["ended"] or "-")[11:19],
-            Text(str(session["identity"])),
-            Text(str(session["client"] or "-")),
-            Text(str(session["cwd"] or "-")),
+            *(
+                Text(safe(value))
+                for value in (
+                    session["session_id"],
+                    str(session["started"] or "")[:19].replace("T", " "),
+                    str(session["ended"] or "-")[11:19],
+                    session["identity"],
+                    session["client"] or "-",
+                    session["cwd"] or "-",
+                )
+            )
         )
     Console().print(table)
     return EXIT_OK
@@ -282,7 +295,7 @@ def cmd_stats(args: argparse.Namespace) -> int:
     for name in names:
         table.add_column(name.replace("_", " "), justify="right")
     for r in rows:
-        table.add_row(r.day, Text(r.identity), *(str(getattr(r, n)) for n in names))
+        table.add_row(Text(safe(r.day)), Text(safe(r.identity)), *(str(getattr(r, n)) for n in names))
     if len(rows) > 1:
         table.add_row("total", "", *(str(sum(getattr(r, n) for r in rows)) for n in names), style="bold")
     Console().print(table)
@@ -317,7 +330,7 @@ def cmd_why(args: argparse.Namespace) -> int:
     )
     for call in calls:
         console.rule(style="dim")
-        console.print(Text(f"session {call['session_id']}", style="dim"))
+        console.print(Text(safe(f"session {call['session_id']}"), style="dim"))
         if call.get("prompt"):
             console.print(prompt_panel(call["prompt"]))
         console.print(call_view(call))

@@ -1,8 +1,9 @@
 """`mcp-guard audit export`: matching calls as JSON lines or CSV, streamed from the store.
 
 Calls are written one by one as the store yields them, so the memory used does not grow with the
-log. JSON lines carry everything (`Call.as_dict()`); CSV carries one row per call with the
-columns an auditor filters on in a spreadsheet, and the response text as the model saw it.
+log. JSON lines carry everything (`Call.as_dict()`), exactly; CSV carries one row per call with the
+columns an auditor filters on in a spreadsheet, and the response text as the model saw it (a cell
+that a spreadsheet would run as a formula is prefixed with an apostrophe).
 """
 
 from __future__ import annotations
@@ -41,6 +42,20 @@ CSV_COLUMNS = (
 )
 
 
+_FORMULA = ("=", "+", "-", "@", "\t", "\r")
+
+
+def _cell(value: object) -> object:
+    """A spreadsheet runs a cell that starts like a formula: such text gets a leading apostrophe.
+
+    SQL, reasons and responses come from the assistant, which may be prompt-injected; the JSON lines
+    export keeps them exact.
+    """
+    if isinstance(value, str) and value.startswith(_FORMULA):
+        return "'" + value
+    return value
+
+
 def csv_row(data: dict[str, Any]) -> list[Any]:
     response = data.get("response") or {}
     values = {
@@ -51,7 +66,7 @@ def csv_row(data: dict[str, Any]) -> list[Any]:
         "response_is_error": bool(response.get("is_error")),
         "response_text": response.get("text", ""),
     }
-    return ["" if values.get(column) is None else values[column] for column in CSV_COLUMNS]
+    return ["" if values.get(column) is None else _cell(values[column]) for column in CSV_COLUMNS]
 
 
 async def export(

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -24,6 +25,18 @@ from rich.text import Text
 
 COLOURS = {"allow": "green", "deny": "red", "approve": "yellow"}
 
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def safe(value: object) -> str:
+    """Recorded text as the terminal may print it: control characters (ESC sequences could clear or
+    rewrite the auditor's screen) are shown as \\xNN; line feeds and tabs stay."""
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", str(value))
+
+
+def _t(value: object, style: str = "") -> Text:
+    return Text(safe(value), style=style)
+
 
 def when(ts: object) -> str:
     """2026-11-26 18:28:18.785 (UTC) from an ISO timestamp."""
@@ -32,11 +45,11 @@ def when(ts: object) -> str:
 
 def _decision_text(call: Mapping[str, Any]) -> Text:
     decision = call.get("decision") or "-"
-    text = Text(str(decision), style=COLOURS.get(str(decision), "yellow"))
+    text = _t(decision, COLOURS.get(str(decision), "yellow"))
     if call.get("rule"):
-        text.append(" by rule ").append(str(call["rule"]), style="bold")
+        text.append(" by rule ").append(safe(call["rule"]), style="bold")
     if call.get("decision_reason"):
-        text.append(f": {call['decision_reason']}")
+        text.append(f": {safe(call['decision_reason'])}")
     return text
 
 
@@ -44,34 +57,34 @@ def _classification_text(call: Mapping[str, Any]) -> Text | None:
     classification = call.get("classification")
     if not isinstance(classification, dict):
         return None
-    text = Text(str(classification.get("kind", "?")), style="bold")
-    tables = classification.get("tables") or []
-    flags = classification.get("flags") or []
-    text.append(f" · tables {', '.join(map(str, tables)) or '-'} · flags {', '.join(map(str, flags)) or '-'}")
+    text = _t(classification.get("kind", "?"), "bold")
+    tables = ", ".join(map(str, classification.get("tables") or [])) or "-"
+    flags = ", ".join(map(str, classification.get("flags") or [])) or "-"
+    text.append(safe(f" · tables {tables} · flags {flags}"))
     return text
 
 
 def _status_text(call: Mapping[str, Any]) -> Text:
     status = str(call.get("status"))
-    text = Text(status, style="green" if status == "ok" else "yellow")
+    text = _t(status, "green" if status == "ok" else "yellow")
     if call.get("duration_ms") is not None:
-        text.append(f" in {call['duration_ms']} ms")
+        text.append(safe(f" in {call['duration_ms']} ms"))
     result = call.get("result") or {}
     if result:
-        text.append(" · " + ", ".join(f"{k} {json.dumps(v)}" for k, v in result.items()))
+        text.append(safe(" · " + ", ".join(f"{k} {json.dumps(v)}" for k, v in result.items())))
     return text
 
 
 def prompt_panel(prompt: Mapping[str, Any]) -> Panel:
-    title = f"prompt {when(prompt.get('time'))} · linked by {prompt.get('method')}"
-    body = Text(str(prompt.get("text", "")))
+    title = _t(f"prompt {when(prompt.get('time'))} · linked by {prompt.get('method')}")
+    body = _t(prompt.get("text", ""))
     if prompt.get("truncated"):
         body.append("\n(cut at the response cap)", style="dim")
     return Panel(body, title=title, title_align="left", border_style="cyan")
 
 
 def response_panel(response: Mapping[str, Any]) -> Panel:
-    body = Text(str(response.get("text", "")))
+    body = _t(response.get("text", ""))
     notes = []
     if response.get("text_truncated"):
         notes.append("the record keeps the first characters only (audit.response_cap)")
@@ -90,29 +103,29 @@ def call_view(call: Mapping[str, Any], number: int | None = None, *, detailed: b
     head = Text()
     if number is not None:
         head.append(f"#{number} ", style="bold")
-    head.append(when(call.get("time")) + "  ")
-    head.append(str(call.get("tool")), style="bold")
+    head.append(safe(when(call.get("time"))) + "  ")
+    head.append(safe(call.get("tool")), style="bold")
     if call.get("connection"):
-        head.append(f" @{call['connection']}")
-    head.append(f"  {call.get('identity')}  call {call.get('call_id')}", style="dim")
+        head.append(safe(f" @{call['connection']}"))
+    head.append(safe(f"  {call.get('identity')}  call {call.get('call_id')}"), style="dim")
     parts: list[RenderableType] = [head]
     if call.get("sql"):
-        parts.append(Syntax(str(call["sql"]), "sql", theme="ansi_dark", word_wrap=True, padding=(0, 2)))
+        parts.append(Syntax(safe(call["sql"]), "sql", theme="ansi_dark", word_wrap=True, padding=(0, 2)))
     elif call.get("arguments"):
         parts.append(Text("  arguments: " + json.dumps(call["arguments"], ensure_ascii=False)))
     if call.get("params"):
         parts.append(Text("  params: " + json.dumps(call["params"], ensure_ascii=False)))
     if call.get("reason"):
-        parts.append(Text("  reason: ", style="bold").append(str(call["reason"]), style="italic"))
+        parts.append(Text("  reason: ", style="bold").append(safe(call["reason"]), style="italic"))
     classification = _classification_text(call)
     if classification is not None:
         parts.append(Text("  classified: ").append(classification))
     parts.append(Text("  decision: ").append(_decision_text(call)))
     for entry in call.get("trail") or []:
-        line = Text(f"  {entry.get('type')} ", style="magenta")
-        line.append(f"{when(entry.get('time'))} by {entry.get('identity')}")
+        line = _t(f"  {entry.get('type')} ", "magenta")
+        line.append(safe(f"{when(entry.get('time'))} by {entry.get('identity')}"))
         if entry.get("decision"):
-            line.append(f" · {entry['decision']}")
+            line.append(safe(f" · {entry['decision']}"))
         line.append(" " + json.dumps(entry.get("detail"), ensure_ascii=False), style="dim")
         parts.append(line)
     parts.append(Text("  outcome: ").append(_status_text(call)))
@@ -133,11 +146,11 @@ def _details(call: Mapping[str, Any]) -> list[RenderableType]:
         for index, statement in enumerate(statements, 1):
             table.add_row(
                 str(index),
-                Text(str(statement.get("kind"))),
-                Text(str(statement.get("operation"))),
-                Text(", ".join(statement.get("tables") or [])),
-                Text(", ".join(statement.get("written_tables") or [])),
-                Text(", ".join(statement.get("flags") or [])),
+                _t(statement.get("kind")),
+                _t(statement.get("operation")),
+                _t(", ".join(map(str, statement.get("tables") or []))),
+                _t(", ".join(map(str, statement.get("written_tables") or []))),
+                _t(", ".join(map(str, statement.get("flags") or []))),
             )
         shown.append(table)
     entries = Table(title="entries in the chain", title_justify="left", expand=False)
@@ -145,37 +158,38 @@ def _details(call: Mapping[str, Any]) -> list[RenderableType]:
     entries.add_column("type")
     entries.add_column("hash", overflow="fold")
     for entry in call.get("entries") or []:
-        entries.add_row(str(entry["seq"]), Text(str(entry["type"])), Text(str(entry["hash"])))
+        entries.add_row(str(entry["seq"]), _t(entry["type"]), _t(entry["hash"]))
     shown.append(entries)
     return shown
 
 
 def session_view(session: Mapping[str, Any], calls: int | None = None) -> Panel:
     body = Text()
-    body.append("identity ").append(str(session.get("identity")), style="bold")
-    body.append(f" · client {session.get('client') or 'unknown'} · {session.get('transport') or '?'}")
+    body.append("identity ").append(safe(session.get("identity")), style="bold")
+    body.append(safe(f" · client {session.get('client') or 'unknown'} · {session.get('transport') or '?'}"))
     if session.get("host"):
-        body.append(f" · host {session['host']} pid {session.get('pid')}")
+        body.append(safe(f" · host {session['host']} pid {session.get('pid')}"))
     if session.get("cwd"):
-        body.append(f"\nworking directory {session['cwd']}")
+        body.append(safe(f"\nworking directory {session['cwd']}"))
     body.append(f"\nstarted {when(session.get('started')) or 'not recorded'}")
     body.append(
         f" · ended {when(session.get('ended')) or 'not recorded (still running, or stopped abruptly)'}"
     )
     if calls is not None:
         body.append(f" · {calls} call(s)")
-    return Panel(body, title=f"session {session.get('session_id')}", title_align="left", border_style="bold")
+    title = _t(f"session {session.get('session_id')}")
+    return Panel(body, title=title, title_align="left", border_style="bold")
 
 
 def verification_text(verification: Mapping[str, Any]) -> Text:
     if verification.get("ok"):
         text = Text("audit log verified: ", style="green")
-        text.append(f"{verification['entries']} entries, head {verification['head_hash']}")
+        text.append(safe(f"{verification['entries']} entries, head {verification['head_hash']}"))
         if verification.get("latest_checkpoint"):
             text.append(" · extends its latest signed checkpoint")
         return text
     text = Text("AUDIT LOG DOES NOT VERIFY: ", style="bold red")
-    return text.append("; ".join(map(str, verification.get("problems") or [])))
+    return text.append(safe("; ".join(map(str, verification.get("problems") or []))))
 
 
 # HTML -------------------------------------------------------------------------------------------
@@ -297,6 +311,7 @@ def html_page(replay: Mapping[str, Any]) -> str:
                 f"{_e(prompt.get('method'))}</div><pre>{_e(prompt.get('text'))}</pre></div>"
             )
         parts.append(_call_html(call, number))
-    data = json.dumps(replay, ensure_ascii=False).replace("</", "<\\/")
+    # inside <script>, only JSON's own escapes: no "<" can end the element or open a comment
+    data = json.dumps(replay, ensure_ascii=False).replace("<", "\\u003c").replace(">", "\\u003e")
     parts.append(f'<script type="application/json" id="replay-data">{data}</script></body></html>')
     return "".join(parts)
