@@ -94,7 +94,7 @@ def run(make: Callable[[], Coroutine[Any, Any, T]]) -> T:
 
 
 def _filter(args: argparse.Namespace, **fixed: Any) -> CallFilter:
-    fields = {
+    fields: dict[str, Any] = {
         name: getattr(args, name, None)
         for name in (
             "session",

@@ -8,7 +8,7 @@ those bytes, kept for filtering and checked by `verify`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
@@ -191,7 +191,7 @@ class Store(ABC):
         """Up to `limit` distinct call ids that start with `prefix`."""
 
     @abstractmethod
-    def calls(self, flt: CallFilter) -> AsyncIterator[list[AuditRecord]]:
+    def calls(self, flt: CallFilter) -> AsyncGenerator[list[AuditRecord], None]:
         """Every entry of each matching call, call by call in request order, streamed from one snapshot."""
 
     @abstractmethod

@@ -31,7 +31,7 @@ import json
 import multiprocessing
 import os
 import sqlite3
-from collections.abc import AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -168,7 +168,7 @@ FROM audit WHERE seq BETWEEN ? AND ? ORDER BY seq"""
 _VERIFY_CHUNK = 4096
 _PARALLEL_MIN = 150_000
 """Entries per process below which verification stays in one process (starting one costs ~0.2 s)."""
-_CALLS_CHUNK = 256
+_CALLS_CHUNK = 512
 
 # What each SQLite error means for the person who must fix it.
 _CAUSES = {
@@ -426,14 +426,14 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise self._error("cannot read it", exc) from exc
 
-    async def calls(self, flt: CallFilter) -> AsyncIterator[list[AuditRecord]]:
+    async def calls(self, flt: CallFilter) -> AsyncGenerator[list[AuditRecord], None]:
         sql, params = _calls_sql(flt)
         async with self._snapshot() as db:
             if flt.limit is not None:
-                rows = list(reversed(await db.execute_fetchall(sql, params)))
+                rows = list(reversed(list(await db.execute_fetchall(sql, params))))
                 chunks = [rows[i : i + _CALLS_CHUNK] for i in range(0, len(rows), _CALLS_CHUNK)]
-                for chunk in chunks:
-                    for call in await self._gather_calls(db, chunk):
+                for part in chunks:
+                    for call in await self._gather_calls(db, part):
                         yield call
                 return
             async with db.execute(sql, params) as cursor:
@@ -445,8 +445,10 @@ class SqliteStore(Store):
         """Every entry of the calls named in `chunk` ((request seq, call_id) rows), in that order."""
         ids = list(dict.fromkeys(row[1] for row in chunk))
         marks = ", ".join("?" * len(ids))
-        rows = await db.execute_fetchall(
-            f"SELECT seq, prev_hash, hash, body FROM audit WHERE call_id IN ({marks}) ORDER BY seq", ids
+        rows = list(
+            await db.execute_fetchall(
+                f"SELECT seq, prev_hash, hash, body FROM audit WHERE call_id IN ({marks}) ORDER BY seq", ids
+            )
         )
         grouped: dict[str, list[AuditRecord]] = {call_id: [] for call_id in ids}
         for row in rows:
@@ -470,7 +472,7 @@ class SqliteStore(Store):
             GROUP BY 1, 2 ORDER BY 2, 1"""
         async with self._snapshot() as db:
             rows = await db.execute_fetchall(sql, params)
-        return [StatsRow(*(str(v) if i < 2 else int(v) for i, v in enumerate(row))) for row in rows]
+        return [StatsRow(str(row[0]), str(row[1]), *(int(value) for value in row[2:])) for row in rows]
 
     async def verify(
         self, *, base: tuple[int, bytes] | None = None, watch: Collection[int] = ()
@@ -546,9 +548,11 @@ class SqliteStore(Store):
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    head = await db.execute_fetchall(
-                        "SELECT hash, (SELECT max(seq) FROM audit) FROM audit WHERE seq = ?",
-                        (checkpoint.entries,),
+                    head = list(
+                        await db.execute_fetchall(
+                            "SELECT hash, (SELECT max(seq) FROM audit) FROM audit WHERE seq = ?",
+                            (checkpoint.entries,),
+                        )
                     )
                     if not head or head[0][0] != bytes.fromhex(checkpoint.head):
                         raise AuditError(
