@@ -96,9 +96,9 @@ class _Session:
         )
         return context
 
-    async def end(self) -> None:
+    async def end(self, how: str) -> None:
         if self.context is not None:
-            await self.guard.end_session(self.context)
+            await self.guard.end_session(self.context, {"how": how})
 
 
 def _text_of(result: CallToolResult) -> str:
@@ -205,7 +205,7 @@ async def serve_stdio(guard: Guard, identity: Identity) -> bool:
         await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         waiting.cancel()
-        await session.end()
+        await session.end("signal" if signalled.is_set() else "the client closed the connection")
     if serving.done():
         serving.result()
         return False

@@ -79,6 +79,7 @@ def test_replay_json_gives_back_every_call_field_by_field_as_the_client_received
     assert session["client"] == "mcp-guard-tests/1" and session["identity"].startswith("local:")
     assert session["transport"] == "stdio" and session["pid"] > 0 and session["cwd"]
     assert session["started"] < times[0] and session["ended"] > times[-1]
+    assert session["ended_how"] == "the client closed the connection"
 
 
 def test_replay_in_the_terminal_shows_each_call_with_sql_reason_decision_and_response(recorded, capsys):

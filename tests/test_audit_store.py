@@ -309,6 +309,7 @@ def test_sigterm_ends_the_session_in_the_audit_log(tmp_path, sqlite_shop):
         rows = db.execute("SELECT type, body FROM audit ORDER BY seq").fetchall()
         assert [r[0] for r in rows] == ["session_start", "session_end"]
         assert json.loads(rows[0][1])["detail"]["client"] == "raw/9"
+        assert json.loads(rows[1][1])["detail"]["how"] == "signal"
         assert db.execute("SELECT count(*) FROM checkpoint WHERE text LIKE '%session end%'").fetchone() == (
             1,
         )

@@ -41,6 +41,7 @@ class Session:
             "cwd": detail.get("cwd"),
             "started": self.start.event.ts if self.start else None,
             "ended": self.end.event.ts if self.end else None,
+            "ended_how": self.end.event.detail.get("how") if self.end else None,
             "start_seq": self.start.seq if self.start else None,
             "end_seq": self.end.seq if self.end else None,
         }
