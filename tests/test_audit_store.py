@@ -388,3 +388,21 @@ def test_csv_export_neutralises_formulas_and_jsonl_keeps_them_exact(home, capsys
     assert row["reason"] == "'" + HOSTILE_REASON and row["sql"] == HOSTILE_SQL
     _, out, _ = audit_cli(capsys, "audit", "export")
     assert json.loads(out)["reason"] == HOSTILE_REASON
+
+
+def test_servers_starting_at_once_create_and_share_one_signing_key(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from mcp_guard.store.checkpoint import load_signing_key
+
+    path = tmp_path / "keys" / "audit-signing.key"
+
+    def public(_: int) -> str:
+        key = load_signing_key(path, create=True)
+        assert key is not None
+        return public_key_text(key.public_key())
+
+    with ThreadPoolExecutor(8) as pool:
+        assert len(set(pool.map(public, range(16)))) == 1
+    assert [p.name for p in path.parent.iterdir()] == ["audit-signing.key"]
+    assert path.stat().st_mode & 0o777 == 0o600

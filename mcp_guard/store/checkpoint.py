@@ -29,6 +29,7 @@ import binascii
 import dataclasses
 import os
 import re
+import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -92,8 +93,16 @@ def parse_private_key(text: str, where: str) -> Ed25519PrivateKey:
         ) from None
 
 
+class KeyExists(ConfigError):
+    """A signing key is already at the path: it is never overwritten."""
+
+
 def generate_key_file(path: Path) -> Ed25519PrivateKey:
-    """Create a new signing key at `path` (mode 0600), refusing to overwrite one."""
+    """Create a new signing key at `path` (mode 0600), refusing to overwrite one.
+
+    Written to a temporary file first and linked into place, so a server starting at the same
+    moment never reads a half-written key: it either finds none or a whole one.
+    """
     key = Ed25519PrivateKey.generate()
     seed = key.private_bytes(
         serialization.Encoding.Raw, serialization.PrivateFormat.Raw, serialization.NoEncryption()
@@ -103,15 +112,21 @@ def generate_key_file(path: Path) -> Ed25519PrivateKey:
         f"# public key: {public_key_text(key.public_key())}\n"
         f"{_PRIVATE_PREFIX}{base64.b64encode(seed).decode()}\n"
     )
+    temporary: Path | None = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")  # mode 0600
+        temporary = Path(name)
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.link(temporary, path)
     except FileExistsError:
-        raise ConfigError(f"{path}: a key is already there; not overwriting it") from None
+        raise KeyExists(f"{path}: a key is already there; not overwriting it") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot create the signing key: {exc.strerror}") from None
-    with os.fdopen(fd, "w", encoding="utf-8") as handle:
-        handle.write(text)
+    finally:
+        if temporary is not None:
+            temporary.unlink(missing_ok=True)
     return key
 
 
@@ -125,7 +140,12 @@ def load_signing_key(path: Path | None, *, create: bool) -> Ed25519PrivateKey | 
     try:
         text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return generate_key_file(path) if create else None
+        if not create:
+            return None
+        try:
+            return generate_key_file(path)
+        except KeyExists:  # another process created it first: use that one
+            text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as exc:
         raise ConfigError(f"{path}: cannot read the signing key: {exc}") from None
     return parse_private_key(text, str(path))
