@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mcp_guard.config import (
+    AuditSettings,
     ConnectionSettings,
     IdentitySettings,
     MaskingSettings,
@@ -145,7 +146,15 @@ def test_the_full_example_is_valid(tmp_path, monkeypatch):
 
 def test_every_setting_is_documented():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    models = (ConnectionSettings, PolicyRule, PolicySettings, IdentitySettings, MaskingSettings, MaskRule)
+    models = (
+        ConnectionSettings,
+        PolicyRule,
+        PolicySettings,
+        IdentitySettings,
+        MaskingSettings,
+        MaskRule,
+        AuditSettings,
+    )
     for model in models:
         for name in model.model_fields:
             assert f"`{name}`" in doc, f"{model.__name__}.{name} is missing from docs/configuration.md"
