@@ -354,8 +354,10 @@ def build_parser() -> argparse.ArgumentParser:
     installer.set_defaults(handler=cmd_install)
 
     from mcp_guard.audit.commands import register
+    from mcp_guard.store.commands import register as register_store
 
     register(commands)
+    register_store(commands)
     return parser
 
 

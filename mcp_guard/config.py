@@ -246,7 +246,12 @@ class IdentitySettings(_Model):
 
 class AuditSettings(_Model):
     url: str | None = None
-    """Audit store: `sqlite:///path`; default: audit.db under MCP_GUARD_HOME."""
+    """Audit store: `sqlite:///path`, or `postgresql://` without a password; default: audit.db under
+    MCP_GUARD_HOME."""
+    url_env: str | None = None
+    """Name of the environment variable that holds the audit store's URL (a team's PostgreSQL store)."""
+    url_file: Path | None = None
+    """Path of a file whose first line is the audit store's URL."""
     response_cap: Annotated[int, Field(gt=0)] = 65_536
     """Characters of each response kept in the audit record."""
     durability: Literal["full", "writes", "normal"] = "writes"
@@ -262,6 +267,18 @@ class AuditSettings(_Model):
     """File every checkpoint is appended to, outside the database; default: the store's path + `.witness`."""
     prompt_window: Annotated[float, Field(gt=0)] = 1800.0
     """Seconds within which a prompt is linked to a call by project directory and time alone."""
+
+    @model_validator(mode="after")
+    def _one_store(self) -> AuditSettings:
+        sources = [name for name in ("url_env", "url_file", "url") if getattr(self, name) is not None]
+        if len(sources) > 1:
+            raise ValueError("give at most one of url, url_env or url_file for the audit store")
+        if self.url is not None and "://" in self.url and urlsplit(self.url).password:
+            raise ValueError(
+                "the audit store URL holds a password; put it in an environment variable (url_env) or a "
+                "file (url_file) so the credential stays out of the config"
+            )
+        return self
 
     @field_validator("trusted_keys")
     @classmethod
@@ -381,7 +398,8 @@ class Config:
     def secrets(self) -> tuple[str, ...]:
         """Strings that must never appear in any output (URLs and their passwords)."""
         found: list[str] = []
-        for url in self.urls.values():
+        store = [self.audit_url] if "@" in self.audit_url else []
+        for url in (*self.urls.values(), *store):
             found.append(url)
             if "@" in url and "://" in url:
                 userinfo = url.split("://", 1)[1].rsplit("@", 1)[0]
@@ -403,8 +421,8 @@ def parse_settings(data: Mapping[str, Any], source: str) -> Settings:
         raise ConfigError(message, file=source, key=_key_path(first["loc"])) from None
 
 
-def _resolve_url(name: str, conn: ConnectionSettings, source: str) -> str:
-    key = f"connections.{name}"
+def _resolve_url(name: str, conn: ConnectionSettings, source: str, key: str | None = None) -> str:
+    key = key or f"connections.{name}"
     if conn.url is not None:
         url = conn.url
     elif conn.url_env is not None:
@@ -440,9 +458,11 @@ class AuditLocations:
     witness_path: Path | None
 
 
-def audit_locations(audit: AuditSettings, store_url: str | None = None) -> AuditLocations:
+def audit_locations(
+    audit: AuditSettings, store_url: str | None = None, source: str = "(built-in defaults)"
+) -> AuditLocations:
     """The locations `audit` names, defaults filled in; `store_url` overrides the store (--store)."""
-    url = store_url or audit.url or f"sqlite:///{guard_home() / 'audit.db'}"
+    url = store_url or _audit_url(audit, source) or f"sqlite:///{guard_home() / 'audit.db'}"
     return AuditLocations(
         store_url=url,
         signing_key_path=(audit.signing_key_file or guard_home() / "audit-signing.key").expanduser(),
@@ -450,9 +470,19 @@ def audit_locations(audit: AuditSettings, store_url: str | None = None) -> Audit
     )
 
 
+def _audit_url(audit: AuditSettings, source: str) -> str | None:
+    """The audit store's URL as configured: inline, or read from the environment or a file."""
+    if audit.url_env is None and audit.url_file is None:
+        return audit.url
+    url = _resolve_url(
+        "audit", ConnectionSettings(url_env=audit.url_env, url_file=audit.url_file), source, key="audit"
+    )
+    return url
+
+
 def build_config(settings: Settings, source: str) -> Config:
     urls = {name: _resolve_url(name, conn, source) for name, conn in settings.connections.items()}
-    where = audit_locations(settings.audit)
+    where = audit_locations(settings.audit, source=source)
     return Config(
         settings=settings,
         source=source,

@@ -103,3 +103,43 @@ def fresh_idp() -> Iterator[LocalIdP]:
     idp = LocalIdP().start()
     yield idp
     idp.stop()
+
+
+async def _create_pg_store(name: str) -> str:
+    admin = await asyncpg.connect(PG_ADMIN_URL, timeout=10)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    url = PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+    from mcp_guard.store.postgres import PostgresStore
+
+    await PostgresStore(url).migrate()
+    return url
+
+
+@pytest.fixture(scope="session")
+def pg_store_url() -> Iterator[str]:
+    """A fresh PostgreSQL audit store (schema migrated) for this test session; tests empty it first."""
+    name = f"mcpguard_store_{uuid.uuid4().hex[:10]}"
+    url = asyncio.run(_create_pg_store(name))
+    yield url
+    asyncio.run(_drop_pg_db(name))
+
+
+async def empty_pg_store(url: str) -> None:
+    conn = await asyncpg.connect(url)
+    try:
+        await conn.execute("TRUNCATE audit, checkpoint")
+    finally:
+        await conn.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty audit store of each engine, by URL: a new SQLite file, or the session's PostgreSQL store."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'audit' / 'audit.db'}"
+    url: str = request.getfixturevalue("pg_store_url")
+    asyncio.run(empty_pg_store(url))
+    return url

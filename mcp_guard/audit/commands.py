@@ -67,7 +67,7 @@ class AuditSetup:
 def setup(args: argparse.Namespace) -> AuditSetup:
     path = config_path_from_env(getattr(args, "config", None))
     settings = read_settings(path).audit if path else AuditSettings()
-    where = audit_locations(settings, getattr(args, "store", None))
+    where = audit_locations(settings, getattr(args, "store", None), str(path) if path else "(defaults)")
     witness = getattr(args, "witness", None)
     return AuditSetup(
         settings=settings,

@@ -16,7 +16,8 @@ _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re
 
 
 def open_store(url: str, *, durability: Durability = "writes") -> Store:
-    """The store named by `url` (`sqlite:///absolute/path.db` or a plain path), not yet opened."""
+    """The store named by `url` (`sqlite:///absolute/path.db`, a plain path, or `postgresql://...`),
+    not yet opened."""
     from mcp_guard.store.sqlite import SqliteStore  # each engine's driver loads only when chosen
 
     match = _SCHEME.match(url)
@@ -33,6 +34,10 @@ def open_store(url: str, *, durability: Durability = "writes") -> Store:
             )
         return SqliteStore(path, durability=durability)
     if scheme in ("postgresql", "postgres"):
-        raise ConfigError("a PostgreSQL audit store is not supported yet; use sqlite:///absolute/path.db")
+        from mcp_guard.store.postgres import PostgresStore
+
+        return PostgresStore(url, durability=durability)
     # the URL itself is not repeated: it may carry a password
-    raise ConfigError(f"audit store scheme {scheme}:// is not supported; use sqlite:///absolute/path.db")
+    raise ConfigError(
+        f"audit store scheme {scheme}:// is not supported; use sqlite:///absolute/path.db or postgresql://"
+    )

@@ -7,13 +7,15 @@ those bytes, kept for filtering and checked by `verify`.
 
 from __future__ import annotations
 
+import json
 from abc import ABC, abstractmethod
-from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
+from mcp_guard.errors import AuditError, UsageError
 from mcp_guard.values import JsonValue
 
 
@@ -31,6 +33,38 @@ class EventType(StrEnum):
 
 def utc_now() -> str:
     return datetime.now(UTC).isoformat(timespec="microseconds")
+
+
+def utc_bound(name: str, value: str) -> str:
+    """An ISO timestamp in the form entries carry (UTC, microseconds), so text order is time order."""
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        raise UsageError(f"{name}: {value!r} is not an ISO 8601 time (e.g. 2026-11-01T09:30:00Z)") from None
+    if moment.tzinfo is None:
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat(timespec="microseconds")
+
+
+def derived_index(type_: str, detail: Mapping[str, Any]) -> tuple[str | None, str | None]:
+    """The index columns derived from an outcome's classification: its riskiest statement kind, and
+    the tables it references as a JSON array; (None, None) for other entries."""
+    classification = detail.get("classification") if type_ == EventType.OUTCOME else None
+    if not isinstance(classification, dict):
+        return None, None
+    kind, tables = classification.get("kind"), classification.get("tables")
+    if kind is not None and not isinstance(kind, str):
+        kind = json.dumps(kind)
+    return kind, None if tables is None else json.dumps(tables, ensure_ascii=False)
+
+
+def check_schema_version(where: str, found: int, known: int) -> None:
+    """Refuse a store whose schema a newer mcp-guard wrote: this one would misread or damage it."""
+    if found > known:
+        raise AuditError(
+            f"audit store {where}: written by a newer mcp-guard (schema version {found}; "
+            f"this one understands up to {known}); upgrade mcp-guard to use this store"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -154,6 +188,23 @@ class StoredCheckpoint:
     text: str
 
 
+def check_continues(where: str, head: tuple[int, bytes] | None, records: Sequence[AuditRecord]) -> None:
+    """Refuse copied entries that do not continue the chain at `head` (or start an empty store)."""
+    from mcp_guard.store.chain import link  # chain builds on this module
+
+    expected_seq = head[0] + 1 if head else None
+    expected_prev = head[1].hex() if head else None
+    for record in records:
+        if expected_seq is not None and (record.seq != expected_seq or record.prev_hash != expected_prev):
+            raise AuditError(
+                f"audit store {where}: copied entry {record.seq} does not continue the chain here (expected "
+                f"entry {expected_seq} following {expected_prev}); nothing was copied"
+            )
+        if link(record.seq, bytes.fromhex(record.prev_hash), record.body).hex() != record.hash:
+            raise AuditError(f"audit store {where}: copied entry {record.seq} does not match its hash")
+        expected_seq, expected_prev = record.seq + 1, record.hash
+
+
 class Store(ABC):
     """Where audit entries are appended, read and verified."""
 
@@ -166,6 +217,16 @@ class Store(ABC):
     @abstractmethod
     async def open(self) -> None:
         """Create or open the store; AuditError when it cannot be used."""
+
+    @abstractmethod
+    async def migrate(self) -> tuple[int, int]:
+        """Create or upgrade the schema without opening the store; (version found, version now).
+        Safe to run twice, and from several processes at once."""
+
+    @abstractmethod
+    async def restore(self, records: Sequence[AuditRecord]) -> None:
+        """Append entries copied from another store exactly as they are (seq, hashes, bytes), in one
+        transaction; AuditError unless they continue this store's chain (or start an empty one)."""
 
     @abstractmethod
     async def close(self) -> None:

@@ -37,11 +37,10 @@ import json
 import multiprocessing
 import os
 import sqlite3
-from collections.abc import AsyncGenerator, AsyncIterator, Collection
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, closing
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
@@ -59,7 +58,10 @@ from mcp_guard.store.base import (
     Store,
     StoredCheckpoint,
     VerifyReport,
+    check_continues,
+    check_schema_version,
 )
+from mcp_guard.store.base import utc_bound as _utc
 
 SCHEMA_VERSION = 2
 """1: the chain. 2: adds the derived index columns kind and tables, and the checkpoint table."""
@@ -280,6 +282,20 @@ class SqliteStore(Store):
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop())
 
+    async def migrate(self) -> tuple[int, int]:
+        """Opening creates or upgrades the file (its owner runs the gateway); this only reports it."""
+        found = 0
+        if self.path.exists():
+            try:
+                with closing(sqlite3.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True)) as db:
+                    found = int(db.execute("PRAGMA user_version").fetchone()[0])
+            except sqlite3.Error as exc:
+                raise self._error("cannot read its schema version", exc) from exc
+        check_schema_version(str(self.path), found, SCHEMA_VERSION)
+        await self.open()
+        await self.close()
+        return found, SCHEMA_VERSION
+
     def _inline_connection(self) -> sqlite3.Connection:
         """The event loop's own connection: it never waits for a lock (timeout 0), never syncs."""
         db = sqlite3.connect(self.path, isolation_level=None, timeout=0)
@@ -347,12 +363,7 @@ class SqliteStore(Store):
     async def _check_layout(
         self, db: aiosqlite.Connection, expected: tuple[tuple[str, str], ...] = _COLUMNS
     ) -> None:
-        version = await self._version(db)
-        if version > SCHEMA_VERSION:
-            raise AuditError(
-                f"audit store {self.path}: written by a newer mcp-guard (schema version {version}; "
-                f"this one understands up to {SCHEMA_VERSION}); upgrade mcp-guard to use this file"
-            )
+        check_schema_version(str(self.path), await self._version(db), SCHEMA_VERSION)
         kind = await db.execute_fetchall("SELECT type FROM sqlite_master WHERE name = 'audit'")
         columns = tuple((row[1], row[2]) for row in await db.execute_fetchall("PRAGMA table_info(audit)"))
         if [tuple(row) for row in kind] != [("table",)] or columns != expected:
@@ -465,6 +476,34 @@ class SqliteStore(Store):
         for index, (*_, done) in enumerate(batch):
             if not done.done():
                 done.set_result(first + index)
+
+    async def restore(self, records: Sequence[AuditRecord]) -> None:
+        """Insert copied entries as they are, in one transaction that first checks they continue the chain;
+        the derived index columns are computed from each body by SQLite, as at migration."""
+        self._open_db()
+        body = "CAST(?4 AS TEXT)"
+        insert = f"""INSERT INTO audit (seq, prev_hash, hash, body, {", ".join(chain.INDEXED)}, kind, tables)
+            SELECT ?1, ?2, ?3, ?4, {", ".join(f"{body} ->> '$.{name}'" for name in chain.INDEXED)},
+                {_derived("kind", _classification_of(body), f"{body} ->> '$.type'")},
+                {_derived("tables", _classification_of(body), f"{body} ->> '$.type'")}"""
+        try:
+            async with aiosqlite.connect(self.path, isolation_level=None) as db:
+                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    newest = "SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1"
+                    head = list(await db.execute_fetchall(newest))
+                    check_continues(str(self.path), (head[0][0], head[0][1]) if head else None, records)
+                    await db.executemany(
+                        insert,
+                        [(r.seq, bytes.fromhex(r.prev_hash), bytes.fromhex(r.hash), r.body) for r in records],
+                    )
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.rollback()
+                    raise
+        except sqlite3.Error as exc:
+            raise self._error("the copied entries were not recorded", exc) from exc
 
     # reading ------------------------------------------------------------------------------------
 
@@ -846,14 +885,3 @@ def _calls_sql(
             raise UsageError(f"limit must be 0 or more, not {flt.limit}")
         return f"{sql} ORDER BY r.seq DESC LIMIT ?", [*params, flt.limit]
     return (f"{sql} ORDER BY r.seq" if ordered else sql), params
-
-
-def _utc(name: str, value: str) -> str:
-    """An ISO timestamp in the form entries carry (UTC, microseconds), so text order is time order."""
-    try:
-        moment = datetime.fromisoformat(value)
-    except ValueError:
-        raise UsageError(f"{name}: {value!r} is not an ISO 8601 time (e.g. 2026-11-01T09:30:00Z)") from None
-    if moment.tzinfo is None:
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat(timespec="microseconds")
