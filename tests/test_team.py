@@ -1,0 +1,191 @@
+"""Team mode: several gateway processes on one PostgreSQL audit store (127.0.0.1), never mocked."""
+
+from __future__ import annotations
+
+import asyncio
+import subprocess
+import sys
+from pathlib import Path
+
+import asyncpg
+import pytest
+
+import mcp_guard
+from mcp_guard.config import load_config
+from mcp_guard.errors import AuditError, ConfigError
+from mcp_guard.store import open_store
+from mcp_guard.store.base import AuditFilter, CallFilter
+from tests.auditing import audit_cli, audit_json
+from tests.client import guard_client
+from tests.conftest import PG_ADMIN_URL, _drop_pg_db, empty_pg_store
+
+REPO = Path(mcp_guard.__file__).resolve().parent.parent
+
+
+def team_config(tmp_path: Path, shop: Path, extra: str = "") -> Path:
+    path = tmp_path / "team.toml"
+    path.write_text(
+        f'[audit]\nurl_env = "TEAM_STORE_URL"\n{extra}\n\n[connections.shop]\nurl = "sqlite:///{shop}"\n'
+    )
+    return path
+
+
+@pytest.fixture
+def team_store(pg_store_url: str) -> str:
+    asyncio.run(empty_pg_store(pg_store_url))
+    return pg_store_url
+
+
+def test_two_writer_processes_appending_at_once_keep_one_gapless_chain(team_store: str, tmp_path: Path):
+    start = tmp_path / "go"
+    writers = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.team_appender", team_store, name, "300", str(start), "8"],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for name in ("gw-a", "gw-b")
+    ]
+    start.touch()
+    for writer in writers:
+        _, err = writer.communicate(timeout=60)
+        assert writer.returncode == 0, err
+
+    async def check() -> None:
+        store = open_store(team_store)
+        await store.open()
+        try:
+            records = await store.query(AuditFilter())
+            report = await store.verify()
+        finally:
+            await store.close()
+        assert [r.seq for r in records] == list(range(1, 601))
+        assert (report.ok, report.entries) == (True, 600)
+        names = [r.event.session_id for r in records]
+        assert names.count("gw-a") == names.count("gw-b") == 300
+        switches = sum(1 for a, b in zip(names, names[1:], strict=False) if a != b)
+        assert switches > 2, "the two writers did not interleave; the test proves nothing"
+
+    asyncio.run(check())
+
+
+async def test_two_gateways_serving_at_once_record_one_chain_that_audit_verify_accepts(
+    team_store: str,
+    sqlite_shop: Path,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    config = team_config(tmp_path, sqlite_shop)
+    env = {"TEAM_STORE_URL": team_store}
+
+    async def session(n: int) -> None:
+        async with guard_client(config, tmp_path, **env) as client:
+            for i in range(4):
+                reply = await client.call("query", sql=f"SELECT {n * 10 + i} AS x")
+                assert not reply.is_error, reply.text
+
+    await asyncio.gather(session(1), session(2))
+    store = open_store(team_store)
+    await store.open()
+    try:
+        calls = [call async for call in store.calls(CallFilter(tool="query"))]
+    finally:
+        await store.close()
+    assert len(calls) == 8 and len({call[0].event.session_id for call in calls}) == 2
+    monkeypatch.setenv("TEAM_STORE_URL", team_store)
+    monkeypatch.setenv("MCP_GUARD_HOME", str(tmp_path))  # the gateways' signing key: trusted
+    code, out, err = await asyncio.to_thread(audit_cli, capsys, "audit", "verify", "--config", str(config))
+    assert code == 0, out + err
+    assert "audit chain intact" in out and "checkpoints:" in out
+
+
+def test_a_store_without_the_schema_asks_for_migrate_and_migrate_creates_it(tmp_path: Path, capsys):
+    name = "mcpguard_fresh_" + tmp_path.name[-8:].replace("-", "_").lower()
+
+    async def create() -> str:
+        admin = await asyncpg.connect(PG_ADMIN_URL)
+        try:
+            await admin.execute(f'CREATE DATABASE "{name}"')
+        finally:
+            await admin.close()
+        return PG_ADMIN_URL.rsplit("/", 1)[0] + f"/{name}"
+
+    url = asyncio.run(create())
+    try:
+        with pytest.raises(AuditError, match=r"holds no mcp-guard schema; run `mcp-guard store migrate`"):
+            asyncio.run(open_store(url).open())
+        code, out, _ = audit_cli(capsys, "store", "migrate", "--store", url)
+        assert code == 0 and "schema version 1 created" in out
+        code, out, _ = audit_cli(capsys, "store", "migrate", "--store", url)
+        assert code == 0 and "schema version 1, up to date" in out
+    finally:
+        asyncio.run(_drop_pg_db(name))
+
+
+def test_a_foreign_audit_table_is_not_taken_over(pg_shop_url: str, capsys) -> None:
+    # the shop database holds tables of its own, none named audit: create one
+    async def add() -> None:
+        conn = await asyncpg.connect(pg_shop_url)
+        try:
+            await conn.execute("CREATE TABLE IF NOT EXISTS audit (id int)")
+        finally:
+            await conn.close()
+
+    asyncio.run(add())
+    code, _, err = audit_cli(capsys, "store", "migrate", "--store", pg_shop_url)
+    assert code == 1 and "already holds audit but no mcp-guard schema" in err
+
+
+def test_an_unreachable_store_is_named_without_its_password(capsys) -> None:
+    code, _, err = audit_cli(
+        capsys, "audit", "verify", "--store", "postgresql://gateway:hunter22@127.0.0.1:1/audit"
+    )
+    assert code == 1
+    assert "audit store postgresql://gateway@127.0.0.1:1/audit: cannot connect" in err
+    assert "hunter22" not in err
+
+
+def test_the_store_url_comes_from_the_environment_or_a_file_never_inline_with_a_password(
+    tmp_path: Path, sqlite_shop: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    config = team_config(tmp_path, sqlite_shop)
+    with pytest.raises(ConfigError, match=r"audit\.url_env: environment variable TEAM_STORE_URL is not set"):
+        load_config(config)
+    monkeypatch.setenv("TEAM_STORE_URL", "postgresql://gateway:hunter22@db.internal/audit")
+    loaded = load_config(config)
+    assert loaded.audit_url.endswith("@db.internal/audit") and "hunter22" in loaded.secrets
+    url_file = tmp_path / "store-url"
+    url_file.write_text("postgresql://gateway:hunter22@db.internal/audit\n")
+    config.write_text(config.read_text().replace('url_env = "TEAM_STORE_URL"', f'url_file = "{url_file}"'))
+    assert load_config(config).audit_url == "postgresql://gateway:hunter22@db.internal/audit"
+    config.write_text(
+        config.read_text().replace(
+            f'url_file = "{url_file}"', 'url = "postgresql://gateway:hunter22@db.internal/audit"'
+        )
+    )
+    with pytest.raises(ConfigError, match="holds a password") as raised:
+        load_config(config)
+    assert "hunter22" not in str(raised.value)
+
+
+def test_store_copy_moves_a_sqlite_history_into_the_team_store_and_it_verifies(
+    team_store: str, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tests.test_audit_store import appended, call_events
+
+    monkeypatch.setenv("MCP_GUARD_HOME", str(tmp_path))
+    monkeypatch.setenv("MCP_GUARD_CONFIG", "")
+    source = tmp_path / "audit.db"
+    asyncio.run(appended(source, call_events(5, "2026-01-05T10:00:00.000000+00:00")))
+    assert audit_cli(capsys, "audit", "key", "--generate", "-")[0] == 0
+    assert audit_cli(capsys, "audit", "prune", "--before", "2030-01-01")[0] == 0  # a signed checkpoint
+    before = audit_json(capsys, "audit", "verify")
+    code, out, err = audit_cli(capsys, "store", "copy", "--from", f"sqlite:///{source}", "--to", team_store)
+    assert code == 0, err
+    assert f"copied 1 entries to {team_store}; its chain verifies" in out
+    after = audit_json(capsys, "audit", "verify", "--store", team_store, "--witness", f"{source}.witness")
+    assert after["ok"] and (after["first_seq"], after["entries"]) == (before["first_seq"], before["entries"])
+    assert after["head_hash"] == before["head_hash"]
