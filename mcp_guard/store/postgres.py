@@ -132,6 +132,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
 
 SCHEMA_VERSION = len(MIGRATIONS)
 
+_CALL_APPEND = f"SELECT mcp_guard_append({', '.join(f'${i}' for i in range(1, len(chain.INDEXED) + 5))})"
 _ROW = ", ".join(chain.ROW)
 _VERIFY = f"SELECT {_ROW}, kind, tables::text FROM audit WHERE seq BETWEEN $1 AND $2 ORDER BY seq"
 _VERIFY_CHUNK = 4096
@@ -270,22 +271,11 @@ class PostgresStore(Store):
 
     async def _write(self, batch: list[_Pending]) -> None:
         synced = any(self._synced(durable) for _, _, durable, _ in batch)
-        columns: list[list[Any]] = [[] for _ in range(len(chain.INDEXED) + 3)]
-        for event, body, _, _ in batch:
-            fields = event.as_dict()
-            kind, tables = derived_index(event.type, event.detail)
-            for column, value in zip(
-                columns, (body, *(fields[name] for name in chain.INDEXED), kind, tables), strict=True
-            ):
-                column.append(value)
+        columns = _columns([(event, body) for event, body, _, _ in batch])
         try:
             if self._writer_db is None or self._writer_db.is_closed():
                 self._writer_db = await self._connect()
-            first = await self._writer_db.fetchval(
-                f"SELECT mcp_guard_append({', '.join(f'${i}' for i in range(1, len(columns) + 2))})",
-                *columns,
-                synced,
-            )
+            first = await self._writer_db.fetchval(_CALL_APPEND, *columns, synced)
         except Exception as exc:  # every failure is the waiting callers' to hear; the writer lives on
             action = (
                 "the entry was not recorded" if len(batch) == 1 else f"{len(batch)} entries were not recorded"
@@ -297,6 +287,10 @@ class PostgresStore(Store):
         for index, (*_, done) in enumerate(batch):
             if not done.done():
                 done.set_result(int(first) + index)
+
+    async def _append_in(self, db: asyncpg.Connection, event: AuditEvent, synced: bool) -> None:
+        """Append one entry in the caller's transaction: an approval step and its entry commit together."""
+        await db.fetchval(_CALL_APPEND, *_columns([(event, chain.canonical(event))]), synced)
 
     async def restore(self, records: Sequence[AuditRecord]) -> None:
         """Append entries copied from another store as they are (seq, hashes and bytes), in one
@@ -561,6 +555,19 @@ async def _refuse_foreign_audit_table(db: asyncpg.Connection, where: str) -> Non
             f"audit store {where}: the database already holds {', '.join(found)} but no mcp-guard schema; "
             "give the audit store a database (or a schema on the role's search_path) of its own"
         )
+
+
+def _columns(entries: Sequence[tuple[AuditEvent, bytes]]) -> list[list[Any]]:
+    """`mcp_guard_append`'s arguments but the last: one array per column, one element per entry."""
+    columns: list[list[Any]] = [[] for _ in range(len(chain.INDEXED) + 3)]
+    for event, body in entries:
+        fields = event.as_dict()
+        kind, tables = derived_index(event.type, event.detail)
+        for column, value in zip(
+            columns, (body, *(fields[name] for name in chain.INDEXED), kind, tables), strict=True
+        ):
+            column.append(value)
+    return columns
 
 
 def _with_derived_check(row: Sequence[Any]) -> tuple[Any, ...]:
