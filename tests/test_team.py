@@ -100,6 +100,14 @@ async def test_two_gateways_serving_at_once_record_one_chain_that_audit_verify_a
     code, out, err = await asyncio.to_thread(audit_cli, capsys, "audit", "verify", "--config", str(config))
     assert code == 0, out + err
     assert "audit chain intact" in out and "checkpoints:" in out
+    listed = await asyncio.to_thread(audit_json, capsys, "audit", "list", "--config", str(config))
+    assert sorted(c["request"]["detail"]["arguments"]["sql"] for c in listed) == sorted(
+        f"SELECT {n * 10 + i} AS x" for n in (1, 2) for i in range(4)
+    )
+    (stats,) = await asyncio.to_thread(audit_json, capsys, "audit", "stats", "--config", str(config))
+    assert stats["calls"] == 8
+    replay = await asyncio.to_thread(audit_json, capsys, "replay", "latest", "--config", str(config))
+    assert len(replay["calls"]) == 4 and replay["calls"][0]["sql"].startswith("SELECT ")
 
 
 def test_a_store_without_the_schema_asks_for_migrate_and_migrate_creates_it(tmp_path: Path, capsys):
