@@ -27,6 +27,7 @@ from mcp_guard.store.base import (
     VerifyReport,
 )
 from mcp_guard.store.commands import copy_store
+from mcp_guard.store.postgres import SCHEMA_VERSION
 from mcp_guard.store.sqlite import Durability
 from tests.test_audit_store import call_events
 from tests.test_store import event
@@ -330,4 +331,4 @@ async def test_a_newer_schema_is_refused_naming_the_versions(store_url: str) -> 
                 await attempt()
     finally:
         if not store_url.startswith("sqlite"):
-            await run_sql(store_url, "UPDATE mcp_guard_schema SET version = 1")
+            await run_sql(store_url, f"UPDATE mcp_guard_schema SET version = {SCHEMA_VERSION}")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,6 +16,7 @@ from mcp_guard.config import load_config
 from mcp_guard.errors import AuditError, ConfigError
 from mcp_guard.store import open_store
 from mcp_guard.store.base import AuditFilter, CallFilter
+from mcp_guard.store.postgres import SCHEMA_VERSION
 from tests.auditing import audit_cli, audit_json
 from tests.client import guard_client
 from tests.conftest import PG_ADMIN_URL, _drop_pg_db, empty_pg_store
@@ -126,9 +128,9 @@ def test_a_store_without_the_schema_asks_for_migrate_and_migrate_creates_it(tmp_
         with pytest.raises(AuditError, match=r"holds no mcp-guard schema; run `mcp-guard store migrate`"):
             asyncio.run(open_store(url).open())
         code, out, _ = audit_cli(capsys, "store", "migrate", "--store", url)
-        assert code == 0 and "schema version 1 created" in out
+        assert code == 0 and f"schema version {SCHEMA_VERSION} created" in out
         code, out, _ = audit_cli(capsys, "store", "migrate", "--store", url)
-        assert code == 0 and "schema version 1, up to date" in out
+        assert code == 0 and f"schema version {SCHEMA_VERSION}, up to date" in out
     finally:
         asyncio.run(_drop_pg_db(name))
 
@@ -197,3 +199,30 @@ def test_store_copy_moves_a_sqlite_history_into_the_team_store_and_it_verifies(
     after = audit_json(capsys, "audit", "verify", "--store", team_store, "--witness", f"{source}.witness")
     assert after["ok"] and (after["first_seq"], after["entries"]) == (before["first_seq"], before["entries"])
     assert after["head_hash"] == before["head_hash"]
+
+
+def test_a_gateway_refuses_to_start_against_a_store_schema_newer_than_it_knows(
+    team_store: str, sqlite_shop: Path, tmp_path: Path
+) -> None:
+    async def set_version(version: int) -> None:
+        conn = await asyncpg.connect(team_store)
+        try:
+            await conn.execute("UPDATE mcp_guard_schema SET version = $1", version)
+        finally:
+            await conn.close()
+
+    asyncio.run(set_version(99))
+    try:
+        served = subprocess.run(
+            [sys.executable, "-m", "mcp_guard", "serve", "--config", str(team_config(tmp_path, sqlite_shop))],
+            cwd=REPO,
+            env={**os.environ, "TEAM_STORE_URL": team_store, "MCP_GUARD_HOME": str(tmp_path)},
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+    finally:
+        asyncio.run(set_version(SCHEMA_VERSION))
+    assert served.returncode != 0
+    assert "written by a newer mcp-guard (schema version 99; this one understands up to" in served.stderr
