@@ -18,6 +18,7 @@ async def append_all(url: str, name: str, count: int, start: Path, concurrency: 
     store = open_store(url)
     await store.open()
     try:
+        print("ready", flush=True)
         while not start.exists():
             await asyncio.sleep(0.005)
         began = time.perf_counter()

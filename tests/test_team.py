@@ -42,7 +42,7 @@ def test_two_writer_processes_appending_at_once_keep_one_gapless_chain(team_stor
     start = tmp_path / "go"
     writers = [
         subprocess.Popen(
-            [sys.executable, "-m", "tests.team_appender", team_store, name, "300", str(start), "8"],
+            [sys.executable, "-m", "tests.team_appender", team_store, name, "400", str(start), "4"],
             cwd=REPO,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -50,6 +50,8 @@ def test_two_writer_processes_appending_at_once_keep_one_gapless_chain(team_stor
         )
         for name in ("gw-a", "gw-b")
     ]
+    for writer in writers:  # both connected before either starts
+        assert writer.stdout is not None and writer.stdout.readline() == "ready\n", writer.stderr
     start.touch()
     for writer in writers:
         _, err = writer.communicate(timeout=60)
@@ -63,10 +65,10 @@ def test_two_writer_processes_appending_at_once_keep_one_gapless_chain(team_stor
             report = await store.verify()
         finally:
             await store.close()
-        assert [r.seq for r in records] == list(range(1, 601))
-        assert (report.ok, report.entries) == (True, 600)
+        assert [r.seq for r in records] == list(range(1, 801))
+        assert (report.ok, report.entries) == (True, 800)
         names = [r.event.session_id for r in records]
-        assert names.count("gw-a") == names.count("gw-b") == 300
+        assert names.count("gw-a") == names.count("gw-b") == 400
         switches = sum(1 for a, b in zip(names, names[1:], strict=False) if a != b)
         assert switches > 2, "the two writers did not interleave; the test proves nothing"
 
