@@ -9,7 +9,15 @@ from pathlib import Path
 
 import pytest
 
-from mcp_guard.config import ConnectionSettings, IdentitySettings, PolicyRule, PolicySettings, load_config
+from mcp_guard.config import (
+    ApprovalSettings,
+    ConnectionSettings,
+    IdentitySettings,
+    PolicyRule,
+    PolicySettings,
+    ReviewerSettings,
+    load_config,
+)
 from mcp_guard.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +77,7 @@ def test_limits_have_documented_defaults(tmp_path):
         (
             '[connections.shop]\nurl = "sqlite:////x"\n[[policy.rules]]\nname = "r"\naction = "maybe"\n',
             "policy.rules.0.action",
-            "'allow' or 'deny'",
+            "'allow', 'deny' or 'approve'",
         ),
         (
             '[connections.shop]\nurl = "sqlite:////x"\n[[policy.rules]]\nname = "r"\naction = "deny"\n'
@@ -137,7 +145,14 @@ def test_the_full_example_is_valid(tmp_path, monkeypatch):
 
 def test_every_setting_is_documented():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    for model in (ConnectionSettings, PolicyRule, PolicySettings, IdentitySettings):
+    for model in (
+        ConnectionSettings,
+        PolicyRule,
+        PolicySettings,
+        IdentitySettings,
+        ApprovalSettings,
+        ReviewerSettings,
+    ):
         for name in model.model_fields:
             assert f"`{name}`" in doc, f"{model.__name__}.{name} is missing from docs/configuration.md"
     assert "`response_cap`" in doc and "`url`" in doc

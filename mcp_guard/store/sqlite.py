@@ -24,15 +24,20 @@ import asyncio
 import json
 import os
 import sqlite3
+from collections.abc import Collection, Mapping
+from contextlib import AbstractAsyncContextManager
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 
 import aiosqlite
 
+from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError, ConfigError, UsageError
 from mcp_guard.store import chain
-from mcp_guard.store.base import AuditEvent, AuditFilter, AuditRecord, Store, VerifyReport
+from mcp_guard.store.base import AuditEvent, AuditFilter, AuditRecord, ChangeWatch, Store, VerifyReport
+from mcp_guard.store.sqlite_approvals import SqliteApprovals
+from mcp_guard.values import JsonValue
 
 SCHEMA_VERSION = 1
 
@@ -130,6 +135,9 @@ class SqliteStore(Store):
         self._pending: list[tuple[str, asyncio.Future[None]]] = []
         self._wake = asyncio.Event()
         self._closing = False
+        self._approvals = SqliteApprovals(
+            path, busy_timeout=busy_timeout, synchronous=synchronous, append_sql=_APPEND, error=self._error
+        )
 
     # lifecycle ----------------------------------------------------------------------------------
 
@@ -218,6 +226,7 @@ class SqliteStore(Store):
             )
 
     async def close(self) -> None:
+        await self._approvals.close()
         if self._db is None:
             return
         self._closing = True
@@ -310,6 +319,53 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise self._error("cannot read it", exc) from exc
         return verifier.report()
+
+    # approvals (store/sqlite_approvals.py) ------------------------------------------------------
+
+    async def add_approval(self, request: ApprovalRequest, event: AuditEvent) -> None:
+        self._require_open()
+        await self._approvals.add(request, event)
+
+    async def get_approval(self, request_id: str) -> ApprovalRequest | None:
+        self._require_open()
+        return await self._approvals.get(request_id)
+
+    async def list_approvals(
+        self, states: Collection[ApprovalState] | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        self._require_open()
+        return await self._approvals.listing(states, limit)
+
+    async def add_vote(self, vote: Vote, event: AuditEvent, *, unexpired_at: str) -> bool:
+        self._require_open()
+        return await self._approvals.add_vote(vote, event, unexpired_at)
+
+    async def transition_approval(
+        self,
+        request_id: str,
+        expected: ApprovalState,
+        target: ApprovalState,
+        event: AuditEvent,
+        changes: Mapping[str, JsonValue],
+        *,
+        unexpired_at: str | None = None,
+    ) -> bool:
+        self._require_open()
+        return await self._approvals.transition(request_id, expected, target, event, changes, unexpired_at)
+
+    async def finish_approval(
+        self, request_id: str, outcome: Mapping[str, JsonValue], event: AuditEvent
+    ) -> None:
+        self._require_open()
+        await self._approvals.finish(request_id, outcome, event)
+
+    def watch_approvals(self) -> AbstractAsyncContextManager[ChangeWatch]:
+        self._require_open()
+        return self._approvals.watch()
+
+    def _require_open(self) -> None:
+        if self._db is None or self._closing:
+            raise AuditError(f"audit store {self.path}: is not open")
 
     # errors -------------------------------------------------------------------------------------
 
