@@ -7,12 +7,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from rich.console import Console
 from rich.markup import escape
@@ -22,6 +25,9 @@ from mcp_guard.classify import StatementKind, classify
 from mcp_guard.config import Config, config_path_from_env, demo_config, load_config
 from mcp_guard.errors import ConfigError, GuardError, UsageError
 from mcp_guard.policy import decide
+
+if TYPE_CHECKING:
+    from mcp_guard.approvals import Actor, Approvals, Verdict
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -161,7 +167,11 @@ async def _calls(args: argparse.Namespace) -> list[dict[str, Any]]:
         if event.call_id is None:
             continue
         call = calls.setdefault(event.call_id, {"call_id": event.call_id, "request": None, "outcome": None})
-        call["request" if event.type == "request" else "outcome"] = {"seq": record.seq, **event.as_dict()}
+        entry = {"seq": record.seq, **event.as_dict()}
+        if event.type in ("request", "outcome"):
+            call[str(event.type)] = entry
+        else:  # the steps of a held call's approval, by whoever took them
+            call.setdefault("approval", []).append(entry)
     rows = [c for c in calls.values() if c["request"] is not None]
     if args.decision:
         rows = [c for c in rows if (c["outcome"] or {}).get("decision") == args.decision]
@@ -198,11 +208,14 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             verdict = "[yellow]no outcome recorded[/]"
         else:
             decision = outcome.get("decision") or detail.get("status", "")
-            colour = {"allow": "green", "deny": "red"}.get(decision, "yellow")
+            colour = {"allow": "green", "deny": "red", "approve": "cyan"}.get(decision, "yellow")
             rule = detail.get("decision", {}).get("rule")
             verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
             if detail.get("status") == "error":
                 verdict += " [yellow]error[/]"
+        for step in call.get("approval", []):
+            actor = "" if step["identity"] == request["identity"] else f" by {escape(step['identity'])}"
+            verdict += f"\n[dim]{escape(step['type'].removeprefix('approval_'))}{actor}[/]"
         table.add_row(
             str(request["seq"]),
             request["ts"][:19].replace("T", " "),
@@ -243,6 +256,151 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     else:
         print(f"audit chain BROKEN: {report.problem}")
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+# approvals --------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _approvals(args: argparse.Namespace) -> AsyncIterator[tuple[Config, Approvals]]:
+    """The configuration's reviewers and policy over its store (or --store): what reviewers act on."""
+    from mcp_guard.approvals import Approvals
+    from mcp_guard.reviewers import KeyVerifier
+    from mcp_guard.store import open_store
+
+    config = _config(args)
+    store = open_store(args.store or config.audit_url)
+    await store.open()
+    try:
+        yield config, Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
+    finally:
+        await store.close()
+
+
+def _actor(reviewer: str | None = None) -> Actor:
+    """Who records what a reviewer's command notices (an expiry, a vote), in its own session."""
+    from mcp_guard.approvals import Actor
+    from mcp_guard.identity import local_identity
+
+    return Actor(reviewer or local_identity().subject, f"review-{uuid.uuid4()}")
+
+
+def _reviewer_name(args: argparse.Namespace) -> str:
+    return args.reviewer or getpass.getuser()
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    from mcp_guard.approvals import ApprovalState
+    from mcp_guard.review import describe
+
+    async def run() -> list[Any]:
+        async with _approvals(args) as (_, approvals):
+            states = None if args.all else [ApprovalState.PENDING]
+            return await approvals.listing(_actor(), states, limit=args.limit)
+
+    requests = asyncio.run(run())
+    if args.json:
+        print(json.dumps([r.summary() for r in requests], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    table = Table(title=f"{len(requests)} request(s)", title_justify="left")
+    for column in ("id", "state", "age", "requester", "connection", "kind", "rows", "needs", "sql / reason"):
+        table.add_column(column, overflow="fold")
+    for request in requests:
+        table.add_row(
+            request.id,
+            str(request.state),
+            describe.span(describe.seconds_since(request.created_at)),
+            request.requester,
+            request.connection,
+            describe.kind(request),
+            describe.estimate(request),
+            "; ".join(r.describe() for r in request.requirements),
+            escape(_one_line(describe.sql(request), 72))
+            + f"\n[dim]reason: {escape(_one_line(request.reason, 64))}[/]",
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def _decide(args: argparse.Namespace, verdict: Verdict, reason: str) -> int:
+    from rich.syntax import Syntax
+
+    from mcp_guard.approvals import ApprovalState
+    from mcp_guard.review import describe
+    from mcp_guard.reviewers import read_passphrase, unlock
+
+    console = Console()
+    name = _reviewer_name(args)
+
+    async def run() -> tuple[Any, Any]:
+        async with _approvals(args) as (_, approvals):
+            reviewer = approvals.verifier.reviewer(name)
+            actor = _actor(reviewer.subject if reviewer else None)
+            request = await approvals.get(args.request_id, actor)
+            approvals.check_reviewer(request, name)  # before the passphrase is asked
+            assert reviewer is not None
+            console.print(Syntax(describe.sql(request), "sql", theme="ansi_dark", word_wrap=True))
+            for label, value in describe.facts(request):
+                console.print(f"[bold]{label:>12}[/] {escape(value)}")
+            passphrase = read_passphrase(f"Passphrase of reviewer {name} to {verdict} {request.id}: ")
+            signer = await asyncio.to_thread(unlock, reviewer, passphrase)
+            return await approvals.vote(request.id, signer, verdict, reason, actor.session_id)
+
+    request, counted = asyncio.run(run())
+    if request.state is ApprovalState.APPROVED:
+        console.print(
+            f"[green]approved[/] request {request.id} ({escape(counted.describe())}); the waiting call runs "
+            "it now, or the assistant's approval_status call will, once"
+        )
+    elif request.state is ApprovalState.DENIED:
+        console.print(f"[red]denied[/] request {request.id}: {escape(reason)}")
+    else:
+        console.print(f"recorded your {verdict} on request {request.id}; so far {escape(counted.describe())}")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _decide(args, "approve", args.comment or "")
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    if not args.reason.strip():
+        raise UsageError("--reason must say why: the assistant and the requester are told it")
+    return _decide(args, "deny", args.reason)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from mcp_guard.review.app import ReviewApp
+
+    name = _reviewer_name(args)
+
+    async def run() -> None:
+        async with _approvals(args) as (_, approvals):
+            reviewer = approvals.verifier.reviewer(name)
+            if reviewer is None:
+                raise UsageError(
+                    f"{name!r} is not a reviewer in this configuration; enrol with `mcp-guard reviewer init "
+                    f"{name}` or pass --reviewer NAME (see docs/approvals.md)"
+                )
+            await ReviewApp(approvals, reviewer, f"review-{uuid.uuid4()}").run_async()
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def cmd_reviewer_init(args: argparse.Namespace) -> int:
+    from mcp_guard.reviewers import enroll, read_passphrase
+
+    passphrase = read_passphrase(f"New passphrase for reviewer {args.name} (at least 12 characters): ")
+    if read_passphrase("The same passphrase again: ") != passphrase:
+        raise UsageError("the two passphrases differ; nothing was created")
+    key = enroll(passphrase, args.cost)
+    groups = ", ".join(json.dumps(group) for group in (args.group or ["reviewers"]))
+    print(
+        f"# Add to the server's configuration; the key holds no secret (docs/approvals.md).\n"
+        f"[approvals.reviewers.{args.name}]\nkey = \"{key}\"\ngroups = [{groups}]"
+    )
+    return EXIT_OK
 
 
 # demo -------------------------------------------------------------------------------------------
@@ -308,6 +466,39 @@ def build_parser() -> argparse.ArgumentParser:
     installer.add_argument("--file", help="client configuration file to edit (default: the client's own)")
     installer.set_defaults(handler=cmd_install)
 
+    def with_store_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument("--store", help="audit store URL (default: from the configuration)")
+        return p
+
+    def as_reviewer(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_store_url(p)
+        p.add_argument("--reviewer", help="reviewer name in the configuration (default: the local user name)")
+        return p
+
+    pending = with_store_url(commands.add_parser("pending", help="list requests held for approval"))
+    pending.add_argument("--all", action="store_true", help="recent requests in any state")
+    pending.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
+    pending.add_argument("--json", action="store_true", help="print JSON")
+    pending.set_defaults(handler=cmd_pending)
+    approve = as_reviewer(commands.add_parser("approve", help="approve a held request (asks a passphrase)"))
+    approve.add_argument("request_id")
+    approve.add_argument("--comment", help="recorded with the approval")
+    approve.set_defaults(handler=cmd_approve)
+    deny = as_reviewer(commands.add_parser("deny", help="deny a held request (asks your passphrase)"))
+    deny.add_argument("request_id")
+    deny.add_argument("--reason", required=True, help="why; the assistant and the requester are told")
+    deny.set_defaults(handler=cmd_deny)
+    review = as_reviewer(commands.add_parser("review", help="the reviewer's terminal UI, live"))
+    review.set_defaults(handler=cmd_review)
+    reviewer = commands.add_parser("reviewer", help="enrol a reviewer")
+    reviewer_commands = reviewer.add_subparsers(dest="reviewer_command", required=True, metavar="ACTION")
+    init = reviewer_commands.add_parser("init", help="choose a passphrase; print the key to configure")
+    init.add_argument("name", help="the reviewer's name (default for --reviewer: the local user name)")
+    init.add_argument("--group", action="append", help="approver group (repeatable; default: reviewers)")
+    init.add_argument("--cost", type=int, default=16, help="scrypt work factor, log2 N (14..20; default 16)")
+    init.set_defaults(handler=cmd_reviewer_init)
+
     audit = commands.add_parser("audit", help="read and verify the audit log")
     audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
 
@@ -321,7 +512,7 @@ def build_parser() -> argparse.ArgumentParser:
     listing.add_argument("--session")
     listing.add_argument("--identity")
     listing.add_argument("--tool")
-    listing.add_argument("--decision", choices=["allow", "deny"])
+    listing.add_argument("--decision", choices=["allow", "deny", "approve"])
     listing.add_argument("--since", help="ISO time, e.g. 2026-11-26 or 2026-11-26T10:00")
     listing.add_argument("--until", help="ISO time")
     listing.add_argument("--limit", type=int, help="only the newest N calls")

@@ -632,6 +632,7 @@ class Guard:
             )
         if request.state is ApprovalState.DENIED:
             subject, reason = _denial(request, counted)
+            call.decision = Decision("deny", request.rule, f"denied by reviewer {subject}: {reason}")
             raise PolicyDenied(
                 f"reviewer {subject} denied request {request.id}: {reason}. The statement was not executed.",
                 rule=request.rule,

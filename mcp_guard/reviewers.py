@@ -194,9 +194,8 @@ class KeyVerifier(ProofVerifier):
 
 
 def read_passphrase(prompt: str) -> str:
-    """Read a passphrase from the controlling terminal, without echo; never from a pipe or a file.
-
-    There is deliberately no other way in (no argument, no environment variable, no stdin): a
+    """Read a passphrase typed at a terminal, without echo: the controlling terminal, or standard
+    input when that is a terminal itself. Never a pipe, a file, an argument or the environment: a
     passphrase that can be scripted ends up in a file the assistant can read.
     """
     try:
@@ -206,15 +205,14 @@ def read_passphrase(prompt: str) -> str:
     try:
         fd = os.open("/dev/tty", os.O_RDWR | os.O_NOCTTY)
     except OSError:
-        raise UsageError(
-            "a reviewer's passphrase is typed at a terminal; this process has none, so it cannot "
-            "approve or deny (see docs/approvals.md)"
-        ) from None
+        if not os.isatty(0):
+            raise UsageError(
+                "a reviewer's passphrase is typed at a terminal; this process has none, so it cannot "
+                "approve or deny (see docs/approvals.md)"
+            ) from None
+        fd = os.dup(0)
     with open(fd, "r+b", buffering=0) as tty:
-        try:
-            old = termios.tcgetattr(fd)
-        except termios.error:
-            raise UsageError("/dev/tty is not a terminal; the passphrase cannot be typed") from None
+        old = termios.tcgetattr(fd)
         quiet = list(old)
         quiet[3] &= ~termios.ECHO
         tty.write(prompt.encode())
