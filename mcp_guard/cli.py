@@ -183,6 +183,15 @@ def _one_line(text: str, width: int) -> str:
     return flat if len(flat) <= width else flat[: width - 1] + "…"
 
 
+_STEP_WORDS = {
+    "approval_requested": "held",
+    "approval_approved": "approved",
+    "approval_denied": "denied",
+    "approval_expired": "expired",
+    "approval_executed": "ran",
+}
+
+
 def cmd_audit_list(args: argparse.Namespace) -> int:
     calls = asyncio.run(_calls(args))
     if args.json:
@@ -213,9 +222,11 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
             if detail.get("status") == "error":
                 verdict += " [yellow]error[/]"
-        for step in call.get("approval", []):
-            actor = "" if step["identity"] == request["identity"] else f" by {escape(step['identity'])}"
-            verdict += f"\n[dim]{escape(step['type'].removeprefix('approval_'))}{actor}[/]"
+        steps = [_STEP_WORDS.get(step["type"], "") for step in call.get("approval", [])]
+        if steps:
+            who = {step["identity"] for step in call.get("approval", []) if step["type"] == "approval_vote"}
+            verdict += f"\n[dim]{' → '.join(s for s in steps if s)}"
+            verdict += f" ({escape(', '.join(sorted(who)))})[/]" if who else "[/]"
         table.add_row(
             str(request["seq"]),
             request["ts"][:19].replace("T", " "),

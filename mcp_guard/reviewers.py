@@ -215,8 +215,8 @@ def read_passphrase(prompt: str) -> str:
         old = termios.tcgetattr(fd)
         quiet = list(old)
         quiet[3] &= ~termios.ECHO
+        termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)  # echo off first: typing starts at the prompt
         tty.write(prompt.encode())
-        termios.tcsetattr(fd, termios.TCSAFLUSH, quiet)
         try:
             line = _read_line(tty)
         finally:

@@ -8,15 +8,19 @@ walkthrough's own configuration, with passphrases published in its source.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pty
 import select
+import struct
 import subprocess
+import termios
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 PROMPT = b"assphrase"
+ROWS, COLUMNS = 50, 160
 
 
 @dataclass(frozen=True, slots=True)
@@ -31,6 +35,7 @@ def run_in_terminal(
     """Run `argv` with a pseudo-terminal as its standard streams, in a session of its own (so it has
     no controlling terminal to reach past it), answering passphrase prompts in order."""
     master, slave = pty.openpty()
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", ROWS, COLUMNS, 0, 0))
     process = subprocess.Popen(
         list(argv), stdin=slave, stdout=slave, stderr=slave, env=dict(env), start_new_session=True
     )
