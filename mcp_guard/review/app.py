@@ -122,7 +122,9 @@ class DetailsScreen(Screen[None]):
     def compose(self) -> ComposeResult:
         yield Header()
         with VerticalScroll():
-            yield Static(Group(_sql(self.request), "", _facts(self.request), "", self._details()))
+            yield Static(
+                Group(_sql(self.request), "", _facts(self.request), "", self._details()), id="details"
+            )
         yield Footer()
 
     def _details(self) -> RenderableType:
