@@ -41,7 +41,7 @@ from mcp_guard.classify import Classification, Statement, StatementKind, classif
 from mcp_guard.config import Config, ConnectionSettings
 from mcp_guard.errors import ApprovalError, AuditError, GuardError, PolicyDenied, UsageError
 from mcp_guard.identity import Identity
-from mcp_guard.policy import Decision, Requirement, decide, decide_statement, needs_estimates
+from mcp_guard.policy import Decision, Requirement, decide, decide_statement, needs_estimate
 from mcp_guard.redact import redact
 from mcp_guard.results import (
     ToolResult,
@@ -461,17 +461,31 @@ class Guard:
         return decision
 
     async def _estimates(
-        self, call: _Call, name: str, conn: ConnectionSettings, classification: Classification, params: Any
+        self,
+        ctx: CallContext,
+        call: _Call,
+        name: str,
+        conn: ConnectionSettings,
+        classification: Classification,
+        params: Any,
     ) -> list[int | None] | None:
-        """Rows each write would change, by the database's own estimate, when a rule asks; None
-        where the database cannot say (the rules then fail closed)."""
-        if not needs_estimates(self.config.settings.policy):
+        """Rows each write would change, by the database's own estimate, where a rule that looks at
+        row counts could match; None where the database cannot say (those rules then fail closed)."""
+        tool = "execute"
+        wanted = [
+            statement.kind is StatementKind.WRITE
+            and needs_estimate(
+                self.config.settings.policy, statement, tool=tool, connection=name, groups=ctx.identity.groups
+            )
+            for statement in classification.statements
+        ]
+        if not any(wanted):
             return None
         backend = await self._backend(name)
         estimates: list[int | None] = []
-        for statement in classification.statements:
+        for statement, asked in zip(classification.statements, wanted, strict=True):
             estimate = None
-            if statement.kind is StatementKind.WRITE:
+            if asked:
                 try:
                     estimate = await backend.estimate_rows(statement, params, conn.limits)
                 except GuardError as error:
@@ -514,7 +528,7 @@ class Guard:
         if not isinstance(reason, str) or not reason.strip():
             raise UsageError("reason is required: say which request of the user this change serves")
         classification = self._classify(call, name, args["sql"], args["params"])
-        estimates = await self._estimates(call, name, conn, classification, args["params"])
+        estimates = await self._estimates(ctx, call, name, conn, classification, args["params"])
         decision = self._decide(ctx, call, name, classification, estimates)
         statements = [s.text for s in classification.statements]
         if decision.hold is not None:
@@ -600,7 +614,7 @@ class Guard:
             sql=";\n".join(request.statements), dialect=dialect, statements=tuple(p[0] for p in parts)
         )
         call.classification = classification
-        estimates = await self._estimates(call, name, conn, classification, list(request.params))
+        estimates = await self._estimates(ctx, call, name, conn, classification, list(request.params))
         decision = self._decide(ctx, call, name, classification, estimates)
         return decision.hold.requirements if decision.hold is not None else None
 

@@ -134,9 +134,16 @@ def _describe(statement: Statement, rows: int | None) -> str:
     return f"{statement.operation} ({statement.kind}{'; ' + flags if flags else ''}{estimate})"
 
 
-def needs_estimates(policy: PolicySettings) -> bool:
-    """Whether any rule looks at row estimates, so the guard asks the database for them."""
-    return any(rule.rows_above is not None for rule in policy.rules)
+def needs_estimate(
+    policy: PolicySettings, statement: Statement, *, tool: str, connection: str, groups: frozenset[str]
+) -> bool:
+    """Whether a rule that looks at row counts could match this statement, so that asking the
+    database for its estimate (one more round trip) can change the decision."""
+    return any(
+        rule.rows_above is not None
+        and _matches(rule, statement, tool, connection, groups, rows=rule.rows_above + 1)
+        for rule in policy.rules
+    )
 
 
 def decide_statement(

@@ -10,7 +10,7 @@ from mcp_guard.approvals import ApprovalState, binding_digest, check_transition
 from mcp_guard.classify import classify
 from mcp_guard.config import PolicyRule, PolicySettings, load_config
 from mcp_guard.errors import ApprovalError, ConfigError
-from mcp_guard.policy import Requirement, decide
+from mcp_guard.policy import Requirement, decide, needs_estimate
 from mcp_guard.reviewers import ReviewerKey, enroll
 from tests.approval_support import key
 
@@ -173,3 +173,13 @@ def test_every_held_statements_terms_are_needed_and_the_shortest_ttl_applies():
     assert decision.action == "approve" and decision.rule == "ddl, wipe" and decision.statement_index == 0
     assert decision.hold is not None and decision.hold.ttl == 60
     assert decision.hold.requirements == (Requirement("ddl", ("dba",), 2), Requirement("wipe", ("ops",), 1))
+
+
+def test_the_database_is_asked_for_an_estimate_only_where_a_rule_could_use_it():
+    def asked(sql: str) -> bool:
+        [statement] = classify(sql, "postgres").statements
+        return needs_estimate(PolicySettings(), statement, tool="execute", connection="c", groups=frozenset())
+
+    assert asked("DELETE FROM t WHERE id < 500")
+    assert not asked("UPDATE t SET a = 1 WHERE id < 500")
+    assert not asked("INSERT INTO t VALUES (1)")
