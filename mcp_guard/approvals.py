@@ -168,6 +168,11 @@ class ApprovalRequest:
         }
 
 
+def json_strings(items: Iterable[str]) -> list[JsonValue]:
+    """Strings as a JSON list (lists are invariant: the type has to be said once)."""
+    return list(items)
+
+
 def _canonical(value: object) -> bytes:
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
@@ -398,7 +403,10 @@ class Approvals:
         request = await self.get(request_id, actor)
         counted = tally(request, requirements, self.verifier)
         if request.state is ApprovalState.PENDING and counted.state is not ApprovalState.PENDING:
-            detail: dict[str, JsonValue] = {"tally": counted.describe(), "approvers": counted.approvers}
+            detail: dict[str, JsonValue] = {
+                "tally": counted.describe(),
+                "approvers": json_strings(counted.approvers),
+            }
             if counted.denial:
                 detail["reason"] = counted.denial[1]
             await self._transition(request, counted.state, actor, detail)
@@ -440,7 +448,11 @@ class Approvals:
             EventType.APPROVAL_EXECUTED,
             actor,
             request,
-            {"request_id": request.id, "by_call": call_id, "approvers": counted.approvers if counted else []},
+            {
+                "request_id": request.id,
+                "by_call": call_id,
+                "approvers": json_strings(counted.approvers if counted else []),
+            },
         )
         changes: dict[str, JsonValue] = {"executed_at": now, "executed_by": call_id}
         if not await self.store.transition_approval(

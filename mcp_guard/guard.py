@@ -33,6 +33,7 @@ from mcp_guard.approvals import (
     ApprovalState,
     Progress,
     Tally,
+    json_strings,
     unreachable,
 )
 from mcp_guard.backends import open_backend
@@ -559,7 +560,7 @@ class Guard:
             "classification": classification.as_dict(),
             "estimated_rows": list(estimates) if estimates is not None else None,
             "policy": decision.reason,
-            "groups": sorted(ctx.identity.groups),
+            "groups": json_strings(sorted(ctx.identity.groups)),
         }
         request = await self.approvals.hold(
             actor,
@@ -666,7 +667,11 @@ class Guard:
         name, conn = self._connection(request.connection)
         request, counted = await self.approvals.claim(request.id, requirements, actor, call.call_id)
         approvers = counted.approvers if counted else []
-        call.summary["approval"] = {"request_id": request.id, "state": "executed", "approvers": approvers}
+        call.summary["approval"] = {
+            "request_id": request.id,
+            "state": "executed",
+            "approvers": json_strings(approvers),
+        }
         try:
             backend = await self._backend(name)
             results = await backend.write(list(request.statements), list(request.params), conn.limits)
@@ -685,7 +690,11 @@ class Guard:
         result = execute_result(call.call_id, name, results, conn.limits)
         who = ", ".join(approvers) or "policy"
         structured = dict(result.structured or {})
-        structured["approval"] = {"request_id": request.id, "state": "executed", "approved_by": approvers}
+        structured["approval"] = {
+            "request_id": request.id,
+            "state": "executed",
+            "approved_by": json_strings(approvers),
+        }
         text = f"Approved by {who} (request {request.id}); ran once, exactly as requested.\n{result.text}"
         return ToolResult(call.call_id, text, structured)
 

@@ -15,12 +15,12 @@ import os
 import shutil
 import subprocess
 import sys
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 from mcp.client.session import ClientSession
 from mcp.client.stdio import StdioServerParameters, stdio_client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import CallToolResult, Implementation, TextContent
 from rich.console import Console
 from rich.markup import escape
@@ -137,11 +137,11 @@ async def _review(console: Console, env: dict[str, str], decision: tuple[str, st
         raise RuntimeError(f"mcp-guard {verdict} failed:\n{typed.output}")
 
 
-def _first_progress(console: Console) -> Callable[[float, float | None, str | None], Awaitable[None]]:
+def _first_progress(console: Console) -> ProgressFnT:
     """A progress callback that shows the first message of a held call: the client hears it waits."""
     heard: list[str] = []
 
-    async def progress(done: float, total: float | None, message: str | None) -> None:
+    async def progress(progress: float, total: float | None, message: str | None) -> None:
         if message and not heard:
             heard.append(message)
             console.print(f"   [yellow]held[/]: {escape(message)}")

@@ -15,7 +15,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Mapping
+from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
 from pathlib import Path
 from typing import Any
@@ -352,7 +352,7 @@ class _Abort(Exception):
     """Roll the transaction back: the compare-and-set found another state."""
 
 
-def _request(row: tuple[Any, ...], votes: tuple[Vote, ...]) -> ApprovalRequest:
+def _request(row: Sequence[Any], votes: tuple[Vote, ...]) -> ApprovalRequest:
     (
         request_id,
         call_id,
