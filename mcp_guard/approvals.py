@@ -392,7 +392,11 @@ class Approvals:
                 if progress is not None and now - reported >= PROGRESS_EVERY_S:
                     reported = now
                     message = f"waiting for a reviewer to decide request {request.id}: {counted.describe()}"
-                    await progress(now - started, timeout, message)
+                    try:
+                        await progress(now - started, timeout, message)
+                    except Exception as error:  # a client that cannot hear does not stop the wait
+                        log.info("progress for request %s not delivered: %s", request.id, error)
+                        progress = None
                 until_expiry = max(0.0, _seconds_until(request.expires_at)) + 0.01
                 await changes.wait(min(deadline - now, PROGRESS_EVERY_S, until_expiry))
 

@@ -24,7 +24,7 @@ from rich.table import Table
 from mcp_guard.classify import StatementKind, classify
 from mcp_guard.config import Config, config_path_from_env, demo_config, load_config
 from mcp_guard.errors import ConfigError, GuardError, UsageError
-from mcp_guard.policy import decide
+from mcp_guard.policy import decide, needs_estimate
 
 if TYPE_CHECKING:
     from mcp_guard.approvals import Actor, Approvals, Verdict
@@ -125,11 +125,22 @@ def cmd_check(args: argparse.Namespace) -> int:
                 escape(statement.text[:200]),
             )
         console.print(table)
-        colour = "green" if decision.allowed else "red"
+        colour = "green" if decision.allowed else "yellow" if decision.held else "red"
         console.print(
             f"[{colour}]{tool}: {decision.action}[/] by rule [bold]{escape(decision.rule)}[/]: "
             f"{escape(decision.reason)}"
         )
+        if decision.hold is not None:
+            needs = "; ".join(r.describe() for r in decision.hold.requirements)
+            console.print(f"held for reviewers: {escape(needs)}, within {decision.hold.ttl:g} s")
+        if any(
+            needs_estimate(config.settings.policy, s, tool=tool, connection=connection, groups=groups)
+            for s in classification.statements
+        ):
+            console.print(
+                "[dim]row estimates come from the database, which check does not ask: rules on row "
+                "counts were taken to match[/]"
+            )
     return EXIT_OK if decision.allowed else EXIT_FAILED
 
 

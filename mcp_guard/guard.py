@@ -469,23 +469,32 @@ class Guard:
         conn: ConnectionSettings,
         classification: Classification,
         params: Any,
+        known: Sequence[int | None] | None = None,
     ) -> list[int | None] | None:
         """Rows each write would change, by the database's own estimate, where a rule that looks at
-        row counts could match; None where the database cannot say (those rules then fail closed)."""
-        tool = "execute"
+        row counts could match; None where the database cannot say (those rules then fail closed).
+        With `known` (a held call, for its reviewers): every write not estimated yet."""
         wanted = [
             statement.kind is StatementKind.WRITE
-            and needs_estimate(
-                self.config.settings.policy, statement, tool=tool, connection=name, groups=ctx.identity.groups
+            and (
+                known[index] is None
+                if known is not None
+                else needs_estimate(
+                    self.config.settings.policy,
+                    statement,
+                    tool="execute",
+                    connection=name,
+                    groups=ctx.identity.groups,
+                )
             )
-            for statement in classification.statements
+            for index, statement in enumerate(classification.statements)
         ]
         if not any(wanted):
-            return None
+            return list(known) if known is not None else None
         backend = await self._backend(name)
         estimates: list[int | None] = []
-        for statement, asked in zip(classification.statements, wanted, strict=True):
-            estimate = None
+        for index, (statement, asked) in enumerate(zip(classification.statements, wanted, strict=True)):
+            estimate = known[index] if known is not None else None
             if asked:
                 try:
                     estimate = await backend.estimate_rows(statement, params, conn.limits)
@@ -556,6 +565,11 @@ class Guard:
         """Store the held call as a request bound to exactly these statements; wait for its decision."""
         assert decision.hold is not None and call.connection is not None
         actor = Actor(ctx.identity.subject, ctx.session_id)
+        _, conn = self._connection(call.connection)
+        unknown = estimates if estimates is not None else [None] * len(classification.statements)
+        estimates = await self._estimates(
+            ctx, call, call.connection, conn, classification, args["params"], known=unknown
+        )
         details: dict[str, JsonValue] = {
             "classification": classification.as_dict(),
             "estimated_rows": list(estimates) if estimates is not None else None,

@@ -113,6 +113,7 @@ async def test_a_denied_request_is_an_error_carrying_the_reviewers_reason(tmp_pa
         )
         request = await reviewers.next_request()
         assert request.rule == "hold-write-without-where"
+        assert request.details["estimated_rows"] == [240]  # for the reviewer, though no rule asked
         await reviewers.vote(request.id, "dana", "deny", "orders are kept for seven years")
         reply = await settled(call)
         again = await client.call("approval_status", request_id=request.id)

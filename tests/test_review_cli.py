@@ -145,3 +145,12 @@ def test_reviewer_init_refuses_a_short_or_mistyped_passphrase():
     mistyped = run_in_terminal(argv, ["zoe-long-passphrase", "zoe-long-passphrasE"], {**os.environ})
     assert short.returncode == 2 and "at least 12 characters" in short.output
     assert mistyped.returncode == 2 and "the two passphrases differ" in mistyped.output
+
+
+def test_check_says_a_statement_would_be_held_and_for_whom(tmp_path):
+    config = approval_config(tmp_path, sqlite_connection(tmp_path / "x.db"))
+    done = cli(config, "check", "DROP TABLE orders")
+    as_json = cli(config, "check", "DROP TABLE orders", "--json")
+    assert done.returncode == 1 and "execute: approve by rule hold-ddl" in done.stdout
+    assert "held for reviewers: 1 approval from reviewers, within 3600 s" in done.stdout
+    assert json.loads(as_json.stdout)["decision"]["action"] == "approve"

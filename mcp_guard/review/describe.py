@@ -40,11 +40,15 @@ def tables(request: ApprovalRequest) -> list[str]:
 
 
 def estimate(request: ApprovalRequest) -> str:
-    """The row estimate per statement, or '-' when no rule asked for one."""
+    """Rows each write is estimated to change; '-' for statements that are no writes."""
     estimates = request.details.get("estimated_rows")
+    statements = classification(request).get("statements", [])
     if not isinstance(estimates, list):
         return "-"
-    shown = ["?" if value is None else str(value) for value in estimates]
+    shown = []
+    for index, value in enumerate(estimates):
+        write = index < len(statements) and statements[index].get("kind") == "write"
+        shown.append(str(value) if value is not None else ("unknown" if write else "-"))
     return shown[0] if len(shown) == 1 else ", ".join(shown)
 
 
