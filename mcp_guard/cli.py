@@ -332,13 +332,13 @@ def cmd_pending(args: argparse.Namespace) -> int:
             request.id,
             str(request.state),
             describe.span(describe.seconds_since(request.created_at)),
-            request.requester,
+            describe.visible(request.requester),
             request.connection,
             describe.kind(request),
             describe.estimate(request),
             "; ".join(r.describe() for r in request.requirements),
             escape(_one_line(describe.sql(request), 72))
-            + f"\n[dim]reason: {escape(_one_line(request.reason, 64))}[/]",
+            + f"\n[dim]reason: {escape(_one_line(describe.visible(request.reason), 64))}[/]",
         )
     Console().print(table)
     return EXIT_OK

@@ -154,3 +154,19 @@ def test_check_says_a_statement_would_be_held_and_for_whom(tmp_path):
     assert done.returncode == 1 and "execute: approve by rule hold-ddl" in done.stdout
     assert "held for reviewers: 1 approval from reviewers, within 3600 s" in done.stdout
     assert json.loads(as_json.stdout)["decision"]["action"] == "approve"
+
+
+async def test_what_the_assistant_wrote_cannot_act_on_the_reviewers_terminal(tmp_path, sqlite_shop):
+    config = approval_config(tmp_path, sqlite_connection(sqlite_shop), wait=0.2)
+    sql = "DROP TABLE api_keys -- \x1b[2K\x1b[1A\rharmless \u202eeton"
+    async with guard_client(config, tmp_path) as client:
+        held = await client.call("execute", sql=sql, reason="tidy \x1b]0;title\x07up")
+    request_id = held.structured["request_id"]
+    said = await asyncio.to_thread(
+        typed, config, ["approve", request_id, "--reviewer", "dana"], ["not-the-passphrase"]
+    )
+    listed = cli(config, "pending")
+    for shown in (said, listed.stdout):
+        assert not any(ch in shown for ch in "\x1b\x07\r\u202e"), repr(shown)
+    assert "-- \\x1b[2K\\x1b[1A\\x0dharmless \\u202eeton" in said
+    assert "tidy \\x1b]0;title\\x07up" in said

@@ -68,7 +68,8 @@ class DecisionScreen(ModalScreen[tuple[str, Signer | None] | None]):
     def compose(self) -> ComposeResult:
         title = "Approve" if self.verdict == "approve" else "Deny"
         with Vertical(id="dialog"):
-            yield Label(f"[b]{title} request {self.request.id}[/b] by {escape(self.request.requester)}")
+            requester = escape(describe.visible(self.request.requester))
+            yield Label(f"[b]{title} request {self.request.id}[/b] by {requester}")
             yield Static(_sql(self.request))
             yield Label("Comment (optional):" if self.verdict == "approve" else "Reason (required):")
             yield Input(id="text", placeholder="recorded with your decision; the requester is told")
@@ -136,7 +137,8 @@ class DetailsScreen(Screen[None]):
         grid.add_row("digest", self.request.digest)
         grid.add_row("call", self.request.call_id)
         for vote in self.request.votes:
-            grid.add_row(f"{vote.decision} by", escape(f"{vote.reviewer} at {vote.ts}: {vote.reason or '-'}"))
+            said = describe.visible(f"{vote.reviewer} at {vote.ts}: {vote.reason or '-'}")
+            grid.add_row(f"{vote.decision} by", escape(said))
         return grid
 
 
@@ -205,11 +207,11 @@ class ReviewApp(App[None]):
             lambda r: (
                 r.id,
                 describe.span(describe.seconds_since(r.created_at)),
-                r.requester,
+                describe.visible(r.requester),
                 r.connection,
                 describe.kind(r),
                 describe.estimate(r),
-                r.reason[:60],
+                describe.visible(r.reason[:60]),
             ),
         )
         self._fill(
@@ -220,7 +222,7 @@ class ReviewApp(App[None]):
                 str(r.state),
                 describe.decided_by(r),
                 describe.span(describe.seconds_since(r.decided_at or r.created_at)),
-                _decided_note(r)[:60],
+                describe.visible(_decided_note(r)[:60]),
             ),
         )
         self._show_selected()

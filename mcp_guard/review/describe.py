@@ -1,11 +1,30 @@
-"""How a held request reads to a reviewer, in the review UI and in `mcp-guard pending`."""
+"""How a held request reads to a reviewer, in the review UI and in `mcp-guard pending`.
+
+Everything shown comes from the assistant (the SQL, its comments, the reason), so nothing may act
+on the reviewer's terminal: control characters (an escape sequence could erase or rewrite a line),
+bidirectional overrides (which reorder what is displayed) and zero-width characters are shown as
+escapes, such as `\x1b` or `\u202e`.
+"""
 
 from __future__ import annotations
 
+import re
 from datetime import UTC, datetime
 from typing import Any
 
 from mcp_guard.approvals import ApprovalRequest
+
+_HIDDEN = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u061c\xad\u200b-\u200f\u2028-\u202e\u2060-\u2069\ufeff]")
+
+
+def visible(text: str) -> str:
+    """`text` with nothing that could act on a terminal or hide itself; line breaks and tabs stay."""
+
+    def shown(match: re.Match[str]) -> str:
+        code = ord(match.group())
+        return f"\\x{code:02x}" if code <= 0xFF else f"\\u{code:04x}"
+
+    return _HIDDEN.sub(shown, text.replace("\r\n", "\n"))
 
 
 def seconds_since(moment: str, now: datetime | None = None) -> float:
@@ -53,7 +72,7 @@ def estimate(request: ApprovalRequest) -> str:
 
 
 def sql(request: ApprovalRequest) -> str:
-    return ";\n".join(text.strip() for text in request.statements)
+    return visible(";\n".join(text.strip() for text in request.statements))
 
 
 def votes(request: ApprovalRequest) -> str:
@@ -75,7 +94,7 @@ def decided_by(request: ApprovalRequest) -> str:
 def facts(request: ApprovalRequest) -> list[tuple[str, str]]:
     """(label, value) lines of everything a reviewer weighs besides the SQL."""
     expires = -seconds_since(request.expires_at)
-    return [
+    facts = [
         ("request", request.id),
         ("state", str(request.state)),
         ("requester", request.requester),
@@ -92,3 +111,4 @@ def facts(request: ApprovalRequest) -> list[tuple[str, str]]:
         ("expires", f"in {span(expires)}" if expires > 0 else "expired"),
         ("votes", votes(request)),
     ]
+    return [(label, visible(value)) for label, value in facts]
