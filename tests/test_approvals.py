@@ -419,3 +419,19 @@ async def test_a_large_delete_is_held_by_the_planners_estimate_and_a_small_one_r
         assert await conn.fetchval("SELECT count(*) FROM payments") == before - 1
     finally:
         await conn.close()
+
+
+async def test_a_damaged_approval_record_is_refused_clearly_and_the_server_serves_on(tmp_path, sqlite_shop):
+    config = approval_config(tmp_path, sqlite_connection(sqlite_shop), wait=0.2)
+    async with guard_client(config, tmp_path) as client:
+        held = await client.call("execute", **DROP)
+        request_id = held.structured["request_id"]
+        db = sqlite3.connect(tmp_path / "audit.db")
+        db.execute("UPDATE approval_requests SET body = '{not json' WHERE id = ?", (request_id,))
+        db.commit()
+        db.close()
+        status = await client.call("approval_status", request_id=request_id)
+        after = await client.call("query", sql="SELECT count(*) FROM api_keys")
+    assert status.is_error
+    assert f"approval request {request_id}: its stored record is damaged" in status.text
+    assert not after.is_error and "api_keys" in tables(sqlite_shop)

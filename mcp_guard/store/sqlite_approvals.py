@@ -23,7 +23,7 @@ from typing import Any
 import aiosqlite
 
 from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
-from mcp_guard.errors import AuditError
+from mcp_guard.errors import ApprovalError, AuditError
 from mcp_guard.store import chain
 from mcp_guard.store.base import AuditEvent, ChangeWatch
 from mcp_guard.values import JsonValue
@@ -389,4 +389,6 @@ def _request(row: Sequence[Any], votes: tuple[Vote, ...]) -> ApprovalRequest:
             **fields,
         )
     except (ValueError, KeyError, TypeError) as exc:
-        raise AuditError(f"approval request {request_id}: its stored record is damaged ({exc})") from exc
+        raise ApprovalError(
+            f"approval request {request_id}: its stored record is damaged ({exc}); it will not run"
+        ) from exc
