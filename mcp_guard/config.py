@@ -111,6 +111,8 @@ class PolicyRule(_Model):
             raise ValueError(f"{', '.join(sorted(terms))}: only `approve` rules take approval terms")
         if self.action == "approve" and not self.approvers:
             raise ValueError("an `approve` rule needs `approvers`: the reviewer groups that may decide")
+        if self.action == "approve" and "query" in self.tools:
+            raise ValueError("only `execute` waits for reviewers; an `approve` rule cannot apply to `query`")
         return self
 
 

@@ -520,7 +520,14 @@ class Guard:
                 )
                 hint = "" if statement.kind is StatementKind.UNKNOWN else "; use execute for writes"
                 raise PolicyDenied(f"{call.decision.reason}{hint}", rule=QUERY_READS_ONLY)
-        self._decide(ctx, call, name, classification)
+        decision = self._decide(ctx, call, name, classification)
+        if decision.held:  # only execute can wait for a reviewer: fail closed
+            call.decision = Decision("deny", decision.rule, "held reads run through execute only")
+            raise PolicyDenied(
+                f"rule {decision.rule!r} holds this for a reviewer's approval ({decision.reason}); only "
+                "`execute` can wait for one",
+                rule=decision.rule,
+            )
         backend = await self._backend(name)
         results = await backend.read([s.text for s in classification.statements], args["params"], conn.limits)
         call.summary = {

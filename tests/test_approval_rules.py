@@ -96,6 +96,7 @@ def test_a_damaged_reviewer_key_is_refused_naming_the_configuration_key(tmp_path
         ('name = "r"\naction = "deny"\napprovers = ["dba"]\n', "approvers: only `approve` rules"),
         ('name = "r"\naction = "allow"\nttl = 5\n', "ttl: only `approve` rules"),
         ('name = "r"\naction = "approve"\napprovers = ["a"]\napprovals = 0\n', "greater than or equal to 1"),
+        ('name = "r"\naction = "approve"\napprovers = ["a"]\ntools = ["query"]\n', "cannot apply to `query`"),
     ],
 )
 def test_approval_terms_belong_to_approve_rules_only(tmp_path, rule, message):

@@ -435,3 +435,17 @@ async def test_a_damaged_approval_record_is_refused_clearly_and_the_server_serve
     assert status.is_error
     assert f"approval request {request_id}: its stored record is damaged" in status.text
     assert not after.is_error and "api_keys" in tables(sqlite_shop)
+
+
+async def test_query_refuses_a_read_a_rule_holds_for_approval(tmp_path, sqlite_shop):
+    policy = (
+        '[[policy.rules]]\nname = "payments-need-a-reviewer"\naction = "approve"\ntables = ["payments"]\n'
+        'approvers = ["reviewers"]\n\n[[policy.rules]]\nname = "reads"\naction = "allow"\nkinds = ["read"]\n'
+    )
+    config = approval_config(tmp_path, sqlite_connection(sqlite_shop), policy=policy)
+    async with guard_client(config, tmp_path) as client:
+        read = await client.call("query", sql="SELECT count(*) FROM payments")
+        other = await client.call("query", sql="SELECT count(*) FROM orders")
+    assert read.is_error and "rule 'payments-need-a-reviewer' holds this" in read.text
+    assert "only `execute` can wait for one" in read.text and "rows" not in (read.structured or {})
+    assert other.structured["rows"] == [[240]]
