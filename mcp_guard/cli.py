@@ -93,6 +93,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         from mcp_guard.policy import Decision
 
         decision = Decision("deny", QUERY_READS_ONLY, "query runs reads only")
+    elif tool == "query" and decision.held:
+        from mcp_guard.policy import Decision
+
+        decision = Decision("deny", decision.rule, "held reads run through execute only")
     if args.json:
         print(
             json.dumps(
