@@ -38,14 +38,21 @@ def percentiles(samples: list[float]) -> tuple[float, float]:
     return statistics.median(ordered), ordered[min(len(ordered) - 1, int(len(ordered) * 0.99))]
 
 
-async def timed(fn: Callable[[], Awaitable[object]], n: int) -> list[float]:
-    for _ in range(min(50, n)):
-        await fn()
-    samples = []
-    for _ in range(n):
-        start = time.perf_counter()
-        await fn()
-        samples.append((time.perf_counter() - start) * 1e6)
+async def timed_pair(
+    baseline: Callable[[], Awaitable[object]], measured: Callable[[], Awaitable[object]], n: int
+) -> tuple[list[float], list[float]]:
+    """Samples of both, in alternating blocks: a noisy neighbour slows both alike, and neither
+    pays for the other's leftovers (the guard resets its connection after answering)."""
+    block = 50
+    samples: tuple[list[float], list[float]] = ([], [])
+    for round_ in range(-1, max(1, n // block)):
+        for fn, into in ((baseline, samples[0]), (measured, samples[1])):
+            for _ in range(block):
+                start = time.perf_counter()
+                await fn()
+                if round_ >= 0:  # the first round warms up
+                    into.append((time.perf_counter() - start) * 1e6)
+            await asyncio.sleep(0.01)
     return samples
 
 
@@ -112,8 +119,8 @@ async def bench_guard(url: str, n: int) -> None:
                 assert not result.is_error, result.text
                 return result
 
-            raw_p50, _ = percentiles(await timed(raw, n))
-            guard_p50, guard_p99 = percentiles(await timed(guarded, n))
+            raw_samples, guard_samples = await timed_pair(raw, guarded, n)
+            (raw_p50, _), (guard_p50, guard_p99) = percentiles(raw_samples), percentiles(guard_samples)
             print(
                 f"guard.query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs"
                 f" | guarded p50 {guard_p50:8.1f} µs p99 {guard_p99:8.1f} µs"
@@ -153,8 +160,8 @@ async def bench_stdio(url: str, n: int) -> None:
                     assert not result.is_error, result
                     return result
 
-                raw_p50, _ = percentiles(await timed(raw, n))
-                mcp_p50, mcp_p99 = percentiles(await timed(call, n))
+                raw_samples, mcp_samples = await timed_pair(raw, call, n)
+                (raw_p50, _), (mcp_p50, mcp_p99) = percentiles(raw_samples), percentiles(mcp_samples)
                 print(
                     f"stdio query {label:>10}: raw asyncpg p50 {raw_p50:8.1f} µs"
                     f" | through MCP p50 {mcp_p50:8.1f} µs p99 {mcp_p99:8.1f} µs"

@@ -575,6 +575,11 @@ def _read_tree(tree: exp.Expression, facts: _Facts, dialect: str) -> None:
     facts.tables.update(dict.fromkeys(facts.written))
 
 
+def refers_to_cte(table: exp.Table, dialect: str) -> bool:
+    """Whether a table reference names a CTE in scope (masking rewrites only real tables)."""
+    return _names_cte(table, dialect)
+
+
 def _names_cte(table: exp.Table, dialect: str) -> bool:
     """Whether `table` refers to a CTE in scope rather than to a real table of that name.
 

@@ -29,6 +29,9 @@ from mcp_guard.policy import decide, needs_estimate
 if TYPE_CHECKING:
     from mcp_guard.approvals import Actor, Approvals, Verdict
 
+if TYPE_CHECKING:
+    from mcp_guard.identity import Identity
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
 
@@ -56,21 +59,85 @@ def _pick_connection(config: Config, name: str | None) -> str:
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from mcp_guard.guard import Guard
-    from mcp_guard.identity import local_identity
-    from mcp_guard.server import serve_stdio
+    from mcp_guard.devtoken import DEV_ISSUER
+    from mcp_guard.identity import OidcVerifier, StdioCaller, TokenSource, local_identity
 
     config = _config(args)
-    identity = local_identity(config.settings.identity.groups)
+    identity = config.settings.identity
+    if identity.mode == "local" and args.transport != "stdio":
+        raise ConfigError(
+            f'--transport {args.transport} needs [identity] mode = "oidc": without tokens every caller '
+            "on the network would act as the local user",
+            file=config.source,
+            key="identity.mode",
+        )
+    if identity.issuer == DEV_ISSUER:
+        logging.getLogger("mcp_guard").warning(
+            "trusting the development issuer of `mcp-guard token --dev`: never do this in production"
+        )
+    source = TokenSource(identity) if identity.mode == "oidc" and args.transport == "stdio" else None
+    # Loaded only now: a configuration mistake is reported without first importing the MCP stack.
+    from mcp_guard.guard import Guard
+    from mcp_guard.server import serve_http, serve_stdio
 
     async def run() -> None:
         guard = await Guard.start(config)
+        verifier = OidcVerifier(identity) if identity.mode == "oidc" else None
         try:
-            await serve_stdio(guard, identity)
+            if verifier is None:
+                local = local_identity(identity.groups)
+
+                async def caller() -> Identity:
+                    return local
+
+                await serve_stdio(guard, caller)
+            elif source is not None:
+                await serve_stdio(guard, StdioCaller(verifier, source))
+            else:
+                await serve_http(guard, verifier, args.transport, args.host, args.port)
         finally:
+            if verifier is not None:
+                await verifier.aclose()
             await guard.close()
 
     asyncio.run(run())
+    return EXIT_OK
+
+
+# token ------------------------------------------------------------------------------------------
+
+
+def cmd_token(args: argparse.Namespace) -> int:
+    from mcp_guard.devtoken import DEV_AUDIENCE, dev_issuer, mint_dev_token
+    from mcp_guard.identity import local_identity
+
+    if not args.dev:
+        raise UsageError(
+            "only development tokens are minted here (--dev); real tokens come from your identity provider"
+        )
+    audience = args.audience
+    if audience is None:
+        path = config_path_from_env(args.config)
+        configured = load_config(path).settings.identity.audience if path else None
+        audience = configured or DEV_AUDIENCE
+    subject = args.subject or local_identity().subject.removeprefix("local:")
+    issuer = dev_issuer()
+    token = mint_dev_token(
+        issuer,
+        subject=subject,
+        groups=tuple(args.group or ()),
+        audience=audience,
+        minutes=args.minutes,
+        email=args.email,
+    )
+    print(token)
+    print(
+        f"mcp-guard: development token for {subject} (groups: {', '.join(args.group or []) or 'none'}), "
+        f"valid {args.minutes:g} min. DEVELOPMENT ONLY. A server accepts it only when configured with:\n"
+        + issuer.config_snippet(audience),
+        file=sys.stderr,
+        end="",
+    )
     return EXIT_OK
 
 
@@ -97,6 +164,12 @@ def cmd_check(args: argparse.Namespace) -> int:
         from mcp_guard.policy import Decision
 
         decision = Decision("deny", decision.rule, "held reads run through execute only")
+    masking = _check_masking(config, connection, classification, groups) if decision.allowed else None
+    if masking is not None and any(m.get("refused") for m in masking):
+        from mcp_guard.policy import Decision
+
+        refused = next(m for m in masking if m.get("refused"))
+        decision = Decision("deny", "builtin:masking", str(refused["refused"]))
     if args.json:
         print(
             json.dumps(
@@ -110,6 +183,7 @@ def cmd_check(args: argparse.Namespace) -> int:
                         "reason": decision.reason,
                         "statement_index": decision.statement_index,
                     },
+                    "masking": masking,
                 },
                 indent=2,
             )
@@ -129,7 +203,11 @@ def cmd_check(args: argparse.Namespace) -> int:
                 escape(statement.text[:200]),
             )
         console.print(table)
+        for index, entry in enumerate(masking or [], 1):
+            _print_masking(console, index, entry)
         colour = "green" if decision.allowed else "yellow" if decision.held else "red"
+        if decision.statement_index is not None and len(classification.statements) > 1:
+            console.print(f"statement {decision.statement_index + 1} decides the call")
         console.print(
             f"[{colour}]{tool}: {decision.action}[/] by rule [bold]{escape(decision.rule)}[/]: "
             f"{escape(decision.reason)}"
@@ -146,6 +224,74 @@ def cmd_check(args: argparse.Namespace) -> int:
                 "counts were taken to match[/]"
             )
     return EXIT_OK if decision.allowed else EXIT_FAILED
+
+
+def _check_masking(
+    config: Config, connection: str, classification: Any, groups: frozenset[str]
+) -> list[dict[str, Any]] | None:
+    """Per statement: the masked SQL that would run and each output column's lineage and mask.
+
+    Reads the schema from the database (as the server does); None when no masking applies."""
+    from mcp_guard.backends import open_backend
+    from mcp_guard.blind_spots import blind_spot
+    from mcp_guard.catalog import Catalog
+    from mcp_guard.lineage import lineage
+    from mcp_guard.masking import Masking
+    from mcp_guard.protect import notes_for
+    from mcp_guard.rewrite import MaskPlan, rewrite
+
+    masking = Masking.from_settings(config.settings.masking, config.source)
+    rules = masking.rules_for(connection, groups)
+    if not rules:
+        return None
+
+    async def schema() -> Any:
+        backend = open_backend(config.urls[connection], pool_size=1)
+        await backend.open()
+        try:
+            return await backend.schema()
+        finally:
+            await backend.close()
+
+    catalog = Catalog(asyncio.run(schema()), _dialect(config, connection))
+    plan = MaskPlan(masking, rules, catalog, masking.rules_for(connection, frozenset()))
+    allowed = frozenset(f.lower() for f in config.settings.masking.allowed_functions)
+    entries: list[dict[str, Any]] = []
+    for statement in classification.statements:
+        reason = blind_spot(statement, catalog, plan.masks, allowed, 0)  # type: ignore[arg-type]
+        if reason is not None:
+            entries.append({"refused": reason})
+            continue
+        done = rewrite(statement, plan, 0)
+        outputs = lineage(statement.tree, catalog) if statement.tree is not None else None
+        names = [o.name for o in outputs] if outputs is not None else []
+        entries.append(
+            {
+                "rewritten": done.sql if done else None,
+                "columns": [note.as_dict() for note in notes_for(names, outputs, plan)],
+                "lineage": "resolved" if outputs is not None else "unresolved: every column counts as masked",
+            }
+        )
+    return entries
+
+
+def _print_masking(console: Console, index: int, entry: dict[str, Any]) -> None:
+    if entry.get("refused"):
+        console.print(f"[red]masking refuses statement {index}:[/] {escape(entry['refused'])}")
+        return
+    console.print(f"[bold]statement {index} as it runs, masked:[/]")
+    console.print(escape(entry["rewritten"] or "(as written: it reads no masked column)"))
+    table = Table(title=f"output columns ({entry['lineage']})", title_justify="left")
+    for column in ("column", "mask", "rule", "sources"):
+        table.add_column(column, overflow="fold")
+    for column in entry["columns"]:
+        table.add_row(
+            escape(column["name"]),
+            column["strategy"] or "-",
+            escape(column["rule"] or ""),
+            escape(", ".join(column["sources"]) + (" (unresolved)" if column["unresolved"] else "")),
+        )
+    console.print(table)
 
 
 # audit ------------------------------------------------------------------------------------------
@@ -183,10 +329,10 @@ async def _calls(args: argparse.Namespace) -> list[dict[str, Any]]:
             continue
         call = calls.setdefault(event.call_id, {"call_id": event.call_id, "request": None, "outcome": None})
         entry = {"seq": record.seq, **event.as_dict()}
-        if event.type in ("request", "outcome"):
-            call[str(event.type)] = entry
-        else:  # the steps of a held call's approval, by whoever took them
+        if str(event.type).startswith("approval_"):  # a held call's steps, by whoever took them
             call.setdefault("approval", []).append(entry)
+        else:
+            call["request" if event.type == "request" else "outcome"] = entry
     rows = [c for c in calls.values() if c["request"] is not None]
     if args.decision:
         rows = [c for c in rows if (c["outcome"] or {}).get("decision") == args.decision]
@@ -212,12 +358,15 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(calls, indent=2, ensure_ascii=False))
         return EXIT_OK
-    table = Table(title=f"{len(calls)} call(s)", title_justify="left", expand=False)
+    identities = sorted({call["request"]["identity"] for call in calls})
+    title = f"{len(calls)} call(s)" + (f" by {identities[0]}" if len(identities) == 1 else "")
+    table = Table(title=escape(title), title_justify="left", expand=False)
     table.add_column("seq", justify="right", no_wrap=True)
-    table.add_column("time (UTC)", no_wrap=True)
-    table.add_column("identity", no_wrap=True)
+    table.add_column("UTC", no_wrap=True)
+    if len(identities) > 1:
+        table.add_column("identity", no_wrap=True)
     table.add_column("tool", no_wrap=True)
-    table.add_column("decision (rule)")
+    table.add_column("decision (rule)", overflow="fold")
     table.add_column("sql / reason", ratio=1)
     for call in calls:
         request, outcome = call["request"], call["outcome"] or {}
@@ -237,19 +386,14 @@ def cmd_audit_list(args: argparse.Namespace) -> int:
             verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
             if detail.get("status") == "error":
                 verdict += " [yellow]error[/]"
-        steps = [_STEP_WORDS.get(step["type"], "") for step in call.get("approval", [])]
+        approval = call.get("approval", [])
+        steps = [_STEP_WORDS.get(step["type"], "") for step in approval]
         if steps:
-            who = {step["identity"] for step in call.get("approval", []) if step["type"] == "approval_vote"}
+            voters = {step["identity"] for step in approval if step["type"] == "approval_vote"}
             verdict += f"\n[dim]{' → '.join(s for s in steps if s)}"
-            verdict += f" ({escape(', '.join(sorted(who)))})[/]" if who else "[/]"
-        table.add_row(
-            str(request["seq"]),
-            request["ts"][:19].replace("T", " "),
-            request["identity"],
-            tool,
-            verdict,
-            what,
-        )
+            verdict += f" ({escape(', '.join(sorted(voters)))})[/]" if voters else "[/]"
+        who = [request["identity"]] if len(identities) > 1 else []
+        table.add_row(str(request["seq"]), request["ts"][5:19].replace("T", " "), *who, tool, verdict, what)
     Console().print(table)
     return EXIT_OK
 
@@ -282,6 +426,48 @@ def cmd_audit_verify(args: argparse.Namespace) -> int:
     else:
         print(f"audit chain BROKEN: {report.problem}")
     return EXIT_OK if report.ok else EXIT_FAILED
+
+
+def cmd_audit_unseal(args: argparse.Namespace) -> int:
+    """The originals of one call's masked values, opened with the audit key from the environment."""
+    from mcp_guard.seal import load_key, unseal
+    from mcp_guard.store.base import AuditFilter, EventType
+
+    async def run() -> Any:
+        store = _store_for(args)
+        await store.open()
+        try:
+            return await store.query(AuditFilter(call_id=args.call_id, type=EventType.OUTCOME))
+        finally:
+            await store.close()
+
+    records = asyncio.run(run())
+    if not records:
+        raise UsageError(f"no outcome recorded for call {args.call_id}")
+    originals = records[-1].event.detail.get("masking", {}).get("originals")
+    if not originals:
+        raise UsageError(
+            f"call {args.call_id} kept no originals (masking.originals was none, or nothing was masked)"
+        )
+    if originals.get("mode") != "sealed":
+        raise UsageError(f"call {args.call_id} kept keyed digests only: they can be checked, not opened")
+    opened = unseal(load_key(args.key_env), args.call_id, originals)
+    if args.json:
+        print(json.dumps(opened, indent=2, ensure_ascii=False))
+        return EXIT_OK
+    console = Console()
+    for number, statement in enumerate(opened, 1):
+        table = Table(title=f"statement {number}: originals of masked columns", title_justify="left")
+        for column in statement["columns"]:
+            table.add_column(escape(column))
+        for row in statement["rows"]:
+            table.add_row(*(escape(json.dumps(value, ensure_ascii=False)) for value in row))
+        if statement["columns"]:
+            console.print(table)
+        for row, column, original in statement["detected"]:
+            shown = escape(json.dumps(original, ensure_ascii=False))
+            console.print(f"row {row + 1}, {escape(column)}: {shown}")
+    return EXIT_OK
 
 
 # approvals --------------------------------------------------------------------------------------
@@ -468,9 +654,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG, else the demo)")
         return p
 
-    serve = with_config(commands.add_parser("serve", help="serve the MCP tools (stdio)"))
-    serve.add_argument("--transport", choices=["stdio"], default="stdio")
+    serve = with_config(commands.add_parser("serve", help="serve the MCP tools (stdio, SSE, HTTP)"))
+    serve.add_argument("--transport", choices=["stdio", "sse", "streamable-http"], default="stdio")
+    serve.add_argument("--host", default="127.0.0.1", help="HTTP transports: address to listen on")
+    serve.add_argument("--port", type=int, default=8000, help="HTTP transports: port (0: any free port)")
     serve.set_defaults(handler=cmd_serve)
+
+    token = with_config(commands.add_parser("token", help="mint a development token (--dev only)"))
+    token.add_argument("--dev", action="store_true", help="sign with the local development key")
+    token.add_argument("--subject", help="user id (default: the OS user)")
+    token.add_argument("--group", action="append", help="a group of the token (repeatable)")
+    token.add_argument("--email", help="email claim")
+    token.add_argument("--audience", help="audience (default: [identity] audience, else mcp-guard)")
+    token.add_argument("--minutes", type=float, default=15, help="lifetime, at most 60 (default 15)")
+    token.set_defaults(handler=cmd_token)
 
     demo = commands.add_parser("demo", help="play a short guarded session against the built-in demo")
     demo.set_defaults(handler=cmd_demo)
@@ -545,6 +742,14 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=cmd_audit_list)
     verify = with_store(audit_commands.add_parser("verify", help="check the hash chain"))
     verify.set_defaults(handler=cmd_audit_verify)
+    unseal = with_store(audit_commands.add_parser("unseal", help="open the sealed originals of a call"))
+    unseal.add_argument("call_id")
+    unseal.add_argument(
+        "--key-env",
+        default="MCP_GUARD_AUDIT_KEY",
+        help="variable holding the audit key (default: %(default)s)",
+    )
+    unseal.set_defaults(handler=cmd_audit_unseal)
     return parser
 
 

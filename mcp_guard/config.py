@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -183,11 +184,108 @@ class PolicySettings(_Model):
         return rules
 
 
+SIGNING_ALGORITHMS = ("RS256", "RS384", "RS512", "ES256", "ES384", "ES512")
+_OIDC_ONLY = (
+    "issuer",
+    "audience",
+    "jwks_url",
+    "jwks_file",
+    "authorized_party",
+    "token_env",
+    "token_file",
+    "resource_url",
+)
+
+
+def is_loopback(host: str | None) -> bool:
+    return host in ("127.0.0.1", "localhost", "::1")
+
+
+def check_fetch_url(value: str | None, key: str) -> None:
+    """Keys and metadata come over HTTPS; plain HTTP only on this machine (a local test provider)."""
+    if value is None:
+        return
+    parts = urlsplit(value)
+    if parts.scheme == "https" and parts.hostname:
+        return
+    if parts.scheme == "http" and is_loopback(parts.hostname):
+        return
+    raise ValueError(f"{key} must be an https:// URL (http:// only for 127.0.0.1 or localhost): {value!r}")
+
+
 class IdentitySettings(_Model):
-    mode: Literal["local"] = "local"
-    """`local`: the operating-system user runs every call (single-user mode)."""
+    """Who is calling: the operating-system user (`local`) or a token from an OIDC provider (`oidc`)."""
+
+    mode: Literal["local", "oidc"] = "local"
+    """`local`: the operating-system user runs every call (single-user mode); `oidc`: a verified token."""
     groups: tuple[str, ...] = ()
-    """Groups given to the local identity, for policy rules."""
+    """Groups given to the local identity, for policy rules (mode `local` only)."""
+    issuer: str | None = None
+    """OIDC: the token issuer (`iss`), exactly as the provider writes it; required."""
+    audience: str | None = None
+    """OIDC: the audience (`aud`) a token must be issued for; required."""
+    jwks_url: str | None = None
+    """OIDC: the provider's key set; default: `jwks_uri` from the issuer's discovery document."""
+    jwks_file: Path | None = None
+    """OIDC: a key set read from a file instead of a URL (the development issuer, offline setups)."""
+    algorithms: tuple[str, ...] = ("RS256", "ES256")
+    """OIDC: signature algorithms accepted; asymmetric only."""
+    groups_claim: Annotated[str, Field(min_length=1)] = "groups"
+    """OIDC: the claim holding the caller's groups (a list, or one string); a token without it is refused."""
+    user_claim: Annotated[str, Field(min_length=1)] = "sub"
+    """OIDC: the claim recorded as the user id; `email` and `preferred_username` are recorded too."""
+    authorized_party: str | None = None
+    """OIDC: when set, the token's `azp` (the client it was issued to) must equal it."""
+    clock_skew: Annotated[float, Field(ge=0, le=300)] = 60.0
+    """OIDC: seconds of clock difference tolerated for `exp`, `nbf` and `iat`."""
+    jwks_max_age: Annotated[float, Field(ge=60, le=86_400)] = 3600.0
+    """OIDC: seconds the key set is used before it is fetched again."""
+    jwks_refresh_interval: Annotated[float, Field(ge=1, le=3600)] = 60.0
+    """OIDC: a token with an unknown key id refetches the key set at most once per this many seconds."""
+    token_env: str | None = None
+    """OIDC over stdio: the environment variable holding the caller's token."""
+    token_file: Path | None = None
+    """OIDC over stdio: a file holding the caller's token, re-read when it changes or the token expires."""
+    resource_url: str | None = None
+    """OIDC over HTTP: this server's public URL (RFC 9728 resource); default http://HOST:PORT/mcp."""
+
+    @field_validator("algorithms")
+    @classmethod
+    def _asymmetric_only(cls, algorithms: tuple[str, ...]) -> tuple[str, ...]:
+        if not algorithms:
+            raise ValueError('give at least one algorithm, e.g. ["RS256", "ES256"]')
+        for name in algorithms:
+            if name.lower() == "none":
+                raise ValueError("unsigned tokens (none) are never accepted")
+            if name.upper().startswith("HS"):
+                raise ValueError(
+                    f"{name} is never accepted: HMAC would let anyone holding the provider's public key sign"
+                )
+            if name not in SIGNING_ALGORITHMS:
+                raise ValueError(f"{name!r} is not one of {', '.join(SIGNING_ALGORITHMS)}")
+        return algorithms
+
+    @model_validator(mode="after")
+    def _mode_keys(self) -> IdentitySettings:
+        if self.mode == "local":
+            for key in _OIDC_ONLY:
+                if getattr(self, key) is not None:
+                    raise ValueError(f'{key} applies to mode = "oidc" only')
+            return self
+        if self.groups:
+            raise ValueError('groups apply to mode = "local" only; with oidc they come from the token')
+        for key in ("issuer", "audience"):
+            if not getattr(self, key):
+                raise ValueError(f'{key} is required with mode = "oidc"')
+        if self.jwks_url is not None and self.jwks_file is not None:
+            raise ValueError("give jwks_url or jwks_file, not both")
+        if self.token_env is not None and self.token_file is not None:
+            raise ValueError("give token_env or token_file, not both")
+        check_fetch_url(self.issuer, "issuer")
+        check_fetch_url(self.jwks_url, "jwks_url")
+        if self.resource_url is not None and urlsplit(self.resource_url).scheme not in ("http", "https"):
+            raise ValueError(f"resource_url must be an http(s):// URL: {self.resource_url!r}")
+        return self
 
 
 class AuditSettings(_Model):
@@ -195,6 +293,80 @@ class AuditSettings(_Model):
     """Audit store: `sqlite:///path`; default: audit.db under MCP_GUARD_HOME."""
     response_cap: Annotated[int, Field(gt=0)] = 65_536
     """Characters of each response kept in the audit record."""
+    durability: Literal["full", "writes", "normal"] = "writes"
+    """Entries synced to disk before the call goes on: `writes` (execute calls), `full`, `normal`."""
+
+
+SemanticType = Literal["email", "phone", "ssn", "national_id", "card", "iban", "secret", "jwt", "ip"]
+MaskStrategy = Literal["redact", "partial", "hash", "null"]
+DetectorName = Literal["email", "phone", "ssn", "card", "iban", "secret", "jwt", "ip"]
+ALL_DETECTORS: tuple[DetectorName, ...] = ("email", "phone", "ssn", "card", "iban", "secret", "jwt", "ip")
+DEFAULT_DETECTORS: tuple[DetectorName, ...] = ALL_DETECTORS[:-1]
+"""Every detector but `ip`: addresses in logs are usually what an analyst is after."""
+
+
+class MaskRule(_Model):
+    """Columns to mask: by name (globs) or by semantic type read from the column name."""
+
+    name: Annotated[str, Field(min_length=1)]
+    """Named in result notes, `check` and the audit."""
+    columns: tuple[str, ...] = ()
+    """Column globs: `column`, `table.column` or `schema.table.column` (`*.email`, `customers.*`)."""
+    types: tuple[SemanticType, ...] = ()
+    """Semantic types, recognised from column names (`email`, `phone`, `ssn`, `card`, ...)."""
+    strategy: MaskStrategy = "redact"
+    """`redact` (a fixed marker), `partial` (a safe part), `hash` (keyed, stable) or `null`."""
+    connections: tuple[str, ...] = ()
+    """Connection name globs; empty: every connection."""
+    except_groups: tuple[str, ...] = ()
+    """Identity groups that see clear values under this rule."""
+
+    @model_validator(mode="after")
+    def _selects_something(self) -> MaskRule:
+        if not self.columns and not self.types:
+            raise ValueError("a masking rule needs columns or types (or both)")
+        for glob in self.columns:
+            if not 1 <= len(glob.split(".")) <= 3 or "" in glob.split("."):
+                raise ValueError(f"column glob {glob!r} must be column, table.column or schema.table.column")
+        return self
+
+
+class MaskingSettings(_Model):
+    rules: tuple[MaskRule, ...] = ()
+    """Ordered rules; a column is masked by the first rule that matches it and applies to the caller."""
+    hash_key_env: str = "MCP_GUARD_MASK_KEY"
+    """Environment variable holding the key of `hash` masks; unset: a random key per server process."""
+    detectors: tuple[DetectorName, ...] = DEFAULT_DETECTORS
+    """Content detectors run on every text value of a result; `[]` turns them off."""
+    detector_exclude: tuple[str, ...] = ()
+    """Column globs (as in rules) whose values the detectors leave alone."""
+    allowed_functions: tuple[str, ...] = ()
+    """Functions allowed in reads while masking applies, beyond the built-in list of pure ones."""
+    originals: Literal["none", "digest", "sealed"] = "none"
+    """What the audit keeps of masked values: nothing, a keyed digest, or the values sealed (AES-GCM)."""
+    originals_key_env: str = "MCP_GUARD_AUDIT_KEY"
+    """Environment variable holding the digest or sealing key (32 bytes, hex or base64)."""
+
+    @field_validator("rules")
+    @classmethod
+    def _unique_names(cls, rules: tuple[MaskRule, ...]) -> tuple[MaskRule, ...]:
+        seen: set[str] = set()
+        for rule in rules:
+            if rule.name in seen:
+                raise ValueError(f"masking rule name {rule.name!r} is used twice; names must be unique")
+            seen.add(rule.name)
+        return rules
+
+
+DEMO_MASKING = MaskingSettings(
+    rules=(
+        MaskRule(name="contact-details", columns=("*.email", "*.phone"), strategy="partial"),
+        MaskRule(name="national-ids", columns=("*.ssn",), strategy="hash"),
+        MaskRule(name="card-numbers", columns=("*.card_number",), strategy="partial"),
+        MaskRule(name="api-secrets", columns=("api_keys.secret",), strategy="redact"),
+    )
+)
+"""The demo's sensitive columns; `customers.notes` is left to the content detectors."""
 
 
 class ReviewerSettings(_Model):
@@ -245,6 +417,7 @@ class Settings(_Model):
     policy: PolicySettings = PolicySettings()
     identity: IdentitySettings = IdentitySettings()
     audit: AuditSettings = AuditSettings()
+    masking: MaskingSettings = MaskingSettings()
     approvals: ApprovalSettings = ApprovalSettings()
 
     @field_validator("connections")
@@ -339,7 +512,8 @@ def demo_config() -> Config:
                 url=f"sqlite:///{database}",
                 description="Demo shop: customers, orders, payments, api_keys (SQLite, made-up data)",
             ),
-        }
+        },
+        masking=DEMO_MASKING,
     )
     return build_config(settings, "(built-in demo)")
 

@@ -3,6 +3,7 @@
     GuardError                  base: every error mcp-guard raises on purpose
      ├── ConfigError            the configuration file or a value in it is wrong (exit 2)
      ├── UsageError             a tool or command argument is wrong (unknown connection, bad params)
+     ├── AuthenticationError    the caller's token is missing or refused; says why, never holds the token
      ├── PolicyDenied           the policy refused the call; names the rule and the reason
      ├── BackendError           the database refused or failed; credentials already redacted
      │    └── StatementTimeout  the statement ran past its timeout and was cancelled
@@ -33,6 +34,14 @@ class ConfigError(GuardError):
 
 class UsageError(GuardError):
     """A tool argument or command-line argument is wrong."""
+
+
+class AuthenticationError(GuardError):
+    """The caller's token is missing or was refused. `detail` is safe to record: never the token itself."""
+
+    def __init__(self, message: str, *, detail: dict[str, str] | None = None) -> None:
+        self.detail = dict(detail or {})
+        super().__init__(message)
 
 
 class PolicyDenied(GuardError):

@@ -6,10 +6,13 @@
       when a rule looks at row counts
     4 hold: store a pending request, wait for reviewers (approvals.py), run it only once approved
     5 run each statement alone with the least power that works
+    6 mask: before the reads run, every reference to a relation with masked columns is rewritten
+      into a masked derived table (what no rewrite can see is refused); after the rows come back,
+      lineage notes which columns carry masked data and the content detectors scan text values
     7 audit the decision, the outcome and exactly what the assistant is shown
 
-Step 6 (masking) slots in as it lands. Nothing here knows MCP: the server hands in a `CallContext`
-(and, for waits, a progress callback) and gets a `ToolResult` back, whatever happened.
+Nothing here knows MCP: the server hands in a `CallContext` (and, for waits, a progress callback)
+and gets a `ToolResult` back, whatever happened.
 """
 
 from __future__ import annotations
@@ -37,12 +40,18 @@ from mcp_guard.approvals import (
     unreachable,
 )
 from mcp_guard.backends import open_backend
-from mcp_guard.backends.base import Backend, JsonScalar
+from mcp_guard.backends.base import Backend, JsonScalar, ResultSet, WriteResult
+from mcp_guard.blind_spots import blind_spot
+from mcp_guard.catalog import Catalog
 from mcp_guard.classify import Classification, Statement, StatementKind, classify
 from mcp_guard.config import Config, ConnectionSettings
-from mcp_guard.errors import ApprovalError, AuditError, GuardError, PolicyDenied, UsageError
+from mcp_guard.detectors import Detectors
+from mcp_guard.errors import ApprovalError, AuditError, ConfigError, GuardError, PolicyDenied, UsageError
 from mcp_guard.identity import Identity
+from mcp_guard.lineage import lineage
+from mcp_guard.masking import Masking
 from mcp_guard.policy import Decision, Requirement, decide, decide_statement, needs_estimate
+from mcp_guard.protect import Protected, originals_record, protect
 from mcp_guard.redact import redact
 from mcp_guard.results import (
     ToolResult,
@@ -53,19 +62,25 @@ from mcp_guard.results import (
     text_table,
 )
 from mcp_guard.reviewers import KeyVerifier
+from mcp_guard.rewrite import MASKING_RULE, MaskPlan, Rewritten, rewrite
+from mcp_guard.seal import SealError, load_key
 from mcp_guard.store import open_store
 from mcp_guard.store.base import AuditEvent, EventType, Store
 from mcp_guard.values import JsonValue
+from mcp_guard.writes import masked_read_in_write
 
 log = logging.getLogger(__name__)
 
 QUERY_READS_ONLY = "builtin:query-reads-only"
 METADATA_RULE = "builtin:metadata"
+UNAUTHENTICATED = "unauthenticated"
 REQUESTER_RULE = "builtin:approval-requester"
 MAX_REQUEST_ID = 64
 MAX_SQL_CHARS = 1_000_000
 MAX_PARAMS = 1_000
 MAX_RECORDED_ARGUMENTS = 2_000_000
+DURABLE_TOOLS = frozenset({"execute", "approval_status"})
+"""Calls that change data: their audit entries are synced to disk before the call goes on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,6 +104,16 @@ class _Call:
     summary: dict[str, JsonValue] = field(default_factory=dict)
 
 
+def _table_of(text: str, dialect: str) -> Any:
+    """A table name the way describe_table is given it, as a sqlglot table (quoted parts kept)."""
+    from sqlglot import exp
+
+    try:
+        return exp.to_table(text, dialect=dialect)
+    except Exception:  # not a name sqlglot can read: nothing to mark
+        return exp.Table(this=exp.to_identifier(text))
+
+
 def _recordable(value: object) -> JsonValue:
     """Arguments as the audit can hold them: hostile values (NaN, huge blobs) become their repr."""
     try:
@@ -104,25 +129,68 @@ def _dialect(url: str) -> str:
     return "sqlite" if url.startswith("sqlite:") else "postgres"
 
 
+def _audit_key(config: Config) -> bytes | None:
+    """The key that digests or seals originals in the audit; a ConfigError when it is needed and missing."""
+    settings = config.settings.masking
+    if settings.originals == "none":
+        return None
+    try:
+        return load_key(settings.originals_key_env)
+    except SealError as error:
+        raise ConfigError(
+            f"originals = {settings.originals!r} needs the audit key: {error}",
+            file=config.source,
+            key="masking.originals_key_env",
+        ) from None
+
+
+@dataclass(frozen=True, slots=True)
+class _MaskedReads:
+    """Step 6 before execution: what runs for each statement, and what the masking needs afterwards."""
+
+    plan: MaskPlan | None
+    catalog: Catalog | None
+    rewritten: tuple[Rewritten | None, ...]
+
+
 class Guard:
     """Holds the configuration, the audit store and one backend per connection."""
 
-    def __init__(self, config: Config, store: Store, backends: Mapping[str, Backend]) -> None:
+    def __init__(
+        self,
+        config: Config,
+        store: Store,
+        backends: Mapping[str, Backend],
+        masking: Masking | None = None,
+    ) -> None:
         self.config = config
         self.store = store
         self._backends = dict(backends)
         self._opened: set[str] = set()
+        settings = config.settings.masking
+        self.masking = masking or Masking.from_settings(settings, config.source)
+        self.detectors = Detectors(settings.detectors)
+        self._audit_key = _audit_key(config)
+        self._catalogs: dict[str, Catalog] = {}
+        self._plans: dict[tuple[str, frozenset[str]], MaskPlan] = {}
         self.approvals = Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
 
     @classmethod
     async def start(cls, config: Config) -> Guard:
-        store = open_store(config.audit_url)
+        masking = Masking.from_settings(config.settings.masking, config.source)
+        _audit_key(config)  # a missing audit key stops the start, before anything is opened
+        store = open_store(config.audit_url, durability=config.settings.audit.durability)
         await store.open()
         backends = {
-            name: open_backend(config.urls[name], pool_size=conn.pool_size)
+            name: open_backend(
+                config.urls[name],
+                pool_size=conn.pool_size,
+                read_timeout_s=conn.timeout,
+                functions=masking.sqlite_functions(),
+            )
             for name, conn in config.settings.connections.items()
         }
-        return cls(config, store, backends)
+        return cls(config, store, backends, masking)
 
     async def close(self) -> None:
         for name in list(self._opened):
@@ -148,6 +216,29 @@ class Guard:
                 type=EventType.SESSION_END,
                 session_id=ctx.session_id,
                 identity=ctx.identity.subject,
+            )
+        )
+
+    async def record_auth_failure(
+        self,
+        reason: str,
+        *,
+        transport: str,
+        session_id: str,
+        detail: Mapping[str, str],
+        call_id: str | None = None,
+        tool: str | None = None,
+    ) -> None:
+        """A caller refused for its token: the reason and the token's fingerprint, never the token."""
+        await self.store.append(
+            AuditEvent(
+                type=EventType.AUTH_FAILURE,
+                session_id=session_id,
+                identity=UNAUTHENTICATED,
+                call_id=call_id,
+                tool=tool,
+                decision="deny",
+                detail={"reason": reason, "transport": transport, **detail},
             )
         )
 
@@ -235,7 +326,8 @@ class Guard:
                     "client": ctx.client,
                     "groups": sorted(ctx.identity.groups),
                 },
-            )
+            ),
+            durable=tool in DURABLE_TOOLS,
         )
         started = time.perf_counter()
         status = "ok"
@@ -253,7 +345,7 @@ class Guard:
             raise
         except GuardError as error:
             status = "error"
-            result = error_result(redact(str(error), self.config.secrets), call.call_id)
+            result = error_result(self.detectors.text(redact(str(error), self.config.secrets)), call.call_id)
         except Exception:
             log.exception("unexpected failure in %s (call %s)", tool, call.call_id)
             status = "error"
@@ -297,7 +389,8 @@ class Guard:
                 connection=call.connection,
                 decision=decision,
                 detail=detail,
-            )
+            ),
+            durable=call.tool in DURABLE_TOOLS,
         )
 
     def _connection(self, name: str | None) -> tuple[str, ConnectionSettings]:
@@ -388,20 +481,47 @@ class Guard:
             raise UsageError("table must be a table name such as 'orders' or 'public.orders'")
         columns = await (await self._backend(name)).describe_table(table.strip())
         call.decision = Decision("allow", METADATA_RULE, "metadata")
+        masks = await self._described_masks(ctx, name, table.strip())
         rows = [
-            [c.name, c.type, "yes" if c.nullable else "no", "yes" if c.primary_key else ""] for c in columns
+            [
+                c.name,
+                c.type,
+                "yes" if c.nullable else "no",
+                "yes" if c.primary_key else "",
+                masks[c.name].strategy if c.name in masks else "",
+            ]
+            for c in columns
         ]
         structured: dict[str, JsonValue] = {
             "connection": name,
             "table": table,
             "columns": [
-                {"name": c.name, "type": c.type, "nullable": c.nullable, "primary_key": c.primary_key}
+                {
+                    "name": c.name,
+                    "type": c.type,
+                    "nullable": c.nullable,
+                    "primary_key": c.primary_key,
+                    "masked": masks[c.name].strategy if c.name in masks else None,
+                }
                 for c in columns
             ],
         }
         return ToolResult(
-            call.call_id, text_table(["column", "type", "nullable", "primary key"], rows), structured
+            call.call_id,
+            text_table(["column", "type", "nullable", "primary key", "masked"], rows),
+            structured,
         )
+
+    async def _described_masks(self, ctx: CallContext, name: str, table: str) -> dict[str, Any]:
+        """The masked columns of a described relation, for this caller."""
+        if not self.masking.rules_for(name, ctx.identity.groups):
+            return {}
+        plan = await self._plan(ctx, name)
+        relation = plan.catalog.resolve(_table_of(table, plan.catalog.dialect))
+        if relation is None:
+            plan = await self._plan(ctx, name, refresh=True)
+            relation = plan.catalog.resolve(_table_of(table, plan.catalog.dialect))
+        return dict(plan.masks(relation)) if relation is not None else {}
 
     def _require_visible(self, ctx: CallContext, name: str) -> None:
         if not any(
@@ -528,13 +648,120 @@ class Guard:
                 "`execute` can wait for one",
                 rule=decision.rule,
             )
+        params = list(args["params"])
+        reads = await self._mask_reads(ctx, call, name, classification, params)
         backend = await self._backend(name)
-        results = await backend.read([s.text for s in classification.statements], args["params"], conn.limits)
+        statements = classification.statements
+        texts = [rw.sql if rw else s.text for s, rw in zip(statements, reads.rewritten, strict=True)]
+        keep_raw = self._audit_key is not None and any(reads.rewritten)
+        if keep_raw:  # the same statements unmasked, in the same snapshot, for the sealed originals
+            texts += [s.text for s in statements]
+        bound = [params + list(rw.bound if rw else ()) for rw in reads.rewritten]
+        if any(reads.rewritten) or keep_raw:
+            results = await backend.read(texts, [], conn.limits, bound + [params] * (len(texts) - len(bound)))
+        else:
+            results = await backend.read(texts, params, conn.limits)
+        results, raw = results[: len(statements)], results[len(statements) :]
+        protected = [
+            self._protect(reads, statement, result)
+            for statement, result in zip(statements, results, strict=True)
+        ]
         call.summary = {
             "rows": [r.row_count for r in results],
             "truncated": any(r.truncated for r in results),
         }
-        return query_result(call.call_id, name, results, conn.limits)
+        masking_summary = self._masking_summary(call, reads, protected, raw)
+        if masking_summary:
+            call.summary["masking"] = masking_summary
+        return query_result(call.call_id, name, results, conn.limits, protected)
+
+    # step 6: masking ----------------------------------------------------------------------------
+
+    async def _catalog(self, name: str, *, refresh: bool = False) -> Catalog:
+        """The connection's schema, read once and cached; read again after DDL or on an unknown name."""
+        if refresh or name not in self._catalogs:
+            schema = await (await self._backend(name)).schema()
+            self._catalogs[name] = Catalog(schema, _dialect(self.config.urls[name]))
+            self._plans = {key: plan for key, plan in self._plans.items() if key[0] != name}
+        return self._catalogs[name]
+
+    async def _plan(self, ctx: CallContext, name: str, *, refresh: bool = False) -> MaskPlan:
+        catalog = await self._catalog(name, refresh=refresh)
+        key = (name, ctx.identity.groups)
+        plan = self._plans.get(key)
+        if plan is None or plan.catalog is not catalog:
+            rules = self.masking.rules_for(name, ctx.identity.groups)
+            plan = MaskPlan(self.masking, rules, catalog, self.masking.rules_for(name, frozenset()))
+            self._plans[key] = plan
+        return plan
+
+    async def _mask_reads(
+        self, ctx: CallContext, call: _Call, name: str, classification: Classification, params: list[Any]
+    ) -> _MaskedReads:
+        """Refuse what masking cannot vouch for, then rewrite each read over masked relations."""
+        statements = classification.statements
+        if not self.masking.rules_for(name, ctx.identity.groups):
+            # Lineage still serves the detectors: excluded columns, columns a rule lets this caller see.
+            needs_lineage = self.config.settings.masking.detector_exclude or self.masking.rules_for(
+                name, frozenset()
+            )
+            plan = await self._plan(ctx, name) if needs_lineage else None
+            return _MaskedReads(plan, plan.catalog if plan else None, (None,) * len(statements))
+        plan = await self._plan(ctx, name)
+        for index, statement in enumerate(statements):
+            reason = self._blind_spot(plan, statement, len(params))
+            if reason is not None and "not in the schema" in reason:
+                plan = await self._plan(ctx, name, refresh=True)  # a table created since the schema was read
+                reason = self._blind_spot(plan, statement, len(params))
+            if reason is not None:
+                self._deny_masking(call, classification, index, reason)
+        rewritten = tuple(rewrite(statement, plan, len(params)) for statement in statements)
+        return _MaskedReads(plan, plan.catalog, rewritten)
+
+    def _blind_spot(self, plan: MaskPlan, statement: Statement, params: int) -> str | None:
+        allowed = frozenset(f.lower() for f in self.config.settings.masking.allowed_functions)
+        return blind_spot(statement, plan.catalog, plan.masks, allowed, params)  # type: ignore[arg-type]
+
+    def _deny_masking(self, call: _Call, classification: Classification, index: int, reason: str) -> None:
+        call.decision = Decision("deny", MASKING_RULE, reason, index)
+        where = f" (statement {index + 1})" if len(classification.statements) > 1 else ""
+        raise PolicyDenied(f"masking{where}: {reason}", rule=MASKING_RULE)
+
+    def _protect(self, reads: _MaskedReads, statement: Statement, result: ResultSet) -> Protected:
+        settings = self.config.settings.masking
+        outputs = None
+        if reads.catalog is not None and statement.tree is not None:
+            outputs = lineage(statement.tree, reads.catalog)
+        return protect(result, outputs, reads.plan, self.detectors, settings.detector_exclude)
+
+    def _masking_summary(
+        self,
+        call: _Call,
+        reads: _MaskedReads,
+        protected: list[Protected],
+        raw: list[ResultSet],
+    ) -> dict[str, JsonValue]:
+        """What the audit records of step 6: the SQL that ran, per column its mask, the originals."""
+        if reads.plan is None and not any(p.findings for p in protected):
+            return {}
+        summary: dict[str, JsonValue] = {
+            "rewritten": [rw.sql if rw else None for rw in reads.rewritten],
+            "statements": [
+                {
+                    "columns": [note.as_dict() for note in p.notes if note.mask is not None or note.detected],
+                    "detections": len(p.findings),
+                }
+                for p in protected
+            ],
+        }
+        mode = self.config.settings.masking.originals
+        if self._audit_key is not None and mode != "none":
+            unmasked: list[ResultSet | None] = list(raw) if raw else [None] * len(protected)
+            if any(p.masked for p in protected):
+                summary["originals"] = originals_record(
+                    mode, self._audit_key, call.call_id, protected, unmasked
+                )
+        return summary
 
     async def _execute(
         self, ctx: CallContext, call: _Call, args: dict[str, Any], progress: Progress | None
@@ -547,14 +774,48 @@ class Guard:
         classification = self._classify(call, name, args["sql"], args["params"])
         estimates = await self._estimates(ctx, call, name, conn, classification, args["params"])
         decision = self._decide(ctx, call, name, classification, estimates)
+        await self._mask_writes(ctx, call, name, classification, len(args["params"]))
         statements = [s.text for s in classification.statements]
         if decision.hold is not None:
             held = (decision, classification, estimates, statements)
             return await self._hold(ctx, call, *held, args, progress)
         backend = await self._backend(name)
         results = await backend.write(statements, args["params"], conn.limits)
+        return self._wrote(call, name, conn, classification, results)
+
+    def _wrote(
+        self,
+        call: _Call,
+        name: str,
+        conn: ConnectionSettings,
+        classification: Classification,
+        results: list[WriteResult],
+    ) -> ToolResult:
+        """After a write: the schema cache after DDL, detectors over returned rows, the summary."""
+        kinds = {s.kind for s in classification.statements}
+        if kinds - {StatementKind.READ, StatementKind.WRITE}:
+            self._catalogs.pop(name, None)  # DDL may have changed what masking must know
+        detections = 0
+        for result in results:
+            if result.returned is not None:
+                found = self.detectors.scan(result.returned.rows, range(len(result.returned.columns)))
+                detections += len(found)
         call.summary["rows_affected"] = sum(r.rows_affected or 0 for r in results)
+        if detections:
+            call.summary["masking"] = {"detections": detections}
         return execute_result(call.call_id, name, results, conn.limits)
+
+    async def _mask_writes(
+        self, ctx: CallContext, call: _Call, name: str, classification: Classification, params: int
+    ) -> None:
+        """A write is not rewritten (it would store masked values): one that reads masked data is refused."""
+        if not self.masking.rules_for(name, ctx.identity.groups):
+            return
+        plan = await self._plan(ctx, name)
+        for index, statement in enumerate(classification.statements):
+            reason = self._blind_spot(plan, statement, params) or masked_read_in_write(statement, plan)
+            if reason is not None:
+                self._deny_masking(call, classification, index, reason)
 
     # step 4: approvals --------------------------------------------------------------------------
 
@@ -638,6 +899,7 @@ class Guard:
         call.classification = classification
         estimates = await self._estimates(ctx, call, name, conn, classification, list(request.params))
         decision = self._decide(ctx, call, name, classification, estimates)
+        await self._mask_writes(ctx, call, name, classification, len(request.params))
         return decision.hold.requirements if decision.hold is not None else None
 
     async def _resolve(
@@ -699,16 +961,16 @@ class Guard:
         except Exception as error:
             shown = "internal error"
             if isinstance(error, GuardError):
-                shown = redact(str(error), self.config.secrets)
+                shown = self.detectors.text(redact(str(error), self.config.secrets))
             outcome: dict[str, JsonValue] = {"status": "error", "error": shown, "by_call": call.call_id}
             await self.approvals.finish(request, actor, outcome)
             raise
+        assert call.classification is not None  # set by the decision that let the request run
+        result = self._wrote(call, name, conn, call.classification, results)
         affected = sum(r.rows_affected or 0 for r in results)
-        call.summary["rows_affected"] = affected
         await self.approvals.finish(
             request, actor, {"status": "ok", "rows_affected": affected, "by_call": call.call_id}
         )
-        result = execute_result(call.call_id, name, results, conn.limits)
         who = ", ".join(approvers) or "policy"
         structured = dict(result.structured or {})
         structured["approval"] = {

@@ -8,9 +8,13 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from mcp_guard.backends.base import Limits, ResultSet, WriteResult
 from mcp_guard.values import JsonValue
+
+if TYPE_CHECKING:
+    from mcp_guard.protect import Protected
 
 _CELL_WIDTH = 80
 
@@ -27,25 +31,39 @@ def error_result(message: str, call_id: str) -> ToolResult:
     return ToolResult(call_id, f"{message}\n(call {call_id} was recorded in the audit log)", is_error=True)
 
 
+_ESCAPES = str.maketrans({"\\": "\\\\", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+
+
 def _cell(value: JsonValue) -> str:
-    if value is None:
+    """One value as the text table shows it: on one line, at most _CELL_WIDTH characters."""
+    kind = type(value)
+    if kind is str:
+        text: str = value  # type: ignore[assignment]
+        if "\\" in text or "\n" in text or "\r" in text or "\t" in text:
+            text = text.translate(_ESCAPES)
+    elif kind is int or kind is float:
+        text = repr(value)
+    elif value is None:
         text = "NULL"
-    elif isinstance(value, str):
-        text = value.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r").replace("\t", "\\t")
+    elif kind is bool:
+        text = "true" if value else "false"
     else:
         text = json.dumps(value, ensure_ascii=False, separators=(",", ":"))
     return text if len(text) <= _CELL_WIDTH else text[: _CELL_WIDTH - 1] + "…"
 
 
 def text_table(names: Sequence[str], rows: Sequence[Sequence[JsonValue]]) -> str:
-    cells = [[_cell(v) for v in row] for row in rows]
-    widths = [len(name) for name in names]
-    for row in cells:
-        for i, text in enumerate(row):
-            widths[i] = max(widths[i], len(text))
-    lines = [" | ".join(name.ljust(w) for name, w in zip(names, widths, strict=True)).rstrip()]
-    lines.append("-+-".join("-" * w for w in widths))
-    lines.extend(" | ".join(t.ljust(w) for t, w in zip(row, widths, strict=True)).rstrip() for row in cells)
+    """A compact table: a header, a rule, one line per row, columns padded to their widest cell."""
+    columns = (
+        [list(map(_cell, column)) for column in zip(*rows, strict=True)] if rows else [[] for _ in names]
+    )
+    widths = [
+        max(len(name), max(map(len, column), default=0)) for name, column in zip(names, columns, strict=True)
+    ]
+    # One format call per line: padding and joining happen in C, not once per cell in Python.
+    line = " | ".join(f"{{:<{width}}}" for width in widths)
+    lines = [line.format(*names).rstrip(), "-+-".join("-" * width for width in widths)]
+    lines.extend(line.format(*cells).rstrip() for cells in zip(*columns, strict=True))
     return "\n".join(lines)
 
 
@@ -58,30 +76,62 @@ def _footer(result: ResultSet, limits: Limits) -> str:
     return count + ")"
 
 
-def result_set_data(result: ResultSet, limits: Limits) -> dict[str, JsonValue]:
-    return {
-        "columns": [{"name": c.name, "type": c.type} for c in result.columns],
+def result_set_data(
+    result: ResultSet, limits: Limits, masking: Protected | None = None
+) -> dict[str, JsonValue]:
+    columns: list[JsonValue] = [{"name": c.name, "type": c.type} for c in result.columns]
+    data: dict[str, JsonValue] = {
+        "columns": columns,
         "rows": result.rows,
         "row_count": result.row_count,
         "truncated": result.truncated,
         "truncated_by": result.truncated_by,
         "row_limit": limits.row_limit,
     }
+    if masking is not None:
+        for column, note in zip(columns, masking.notes, strict=False):
+            assert isinstance(column, dict)
+            column["masked"] = note.strategy
+            column["detected"] = list(note.detected)
+        data["masked_columns"] = list(masking.masked)
+    return data
 
 
-def query_result(call_id: str, connection: str, results: Sequence[ResultSet], limits: Limits) -> ToolResult:
+def _masking_line(masking: Protected | None) -> str:
+    """One line telling the model which columns it sees masked, so it does not mistake them for data."""
+    if masking is None or not masking.masked:
+        return ""
+    parts = []
+    for note in masking.notes:
+        if note.mask is not None:
+            parts.append(f"{note.name} ({note.strategy})")
+        elif note.detected:
+            parts.append(f"{note.name} (detected: {', '.join(note.detected)})")
+    return "\nmasked: " + ", ".join(parts)
+
+
+def query_result(
+    call_id: str,
+    connection: str,
+    results: Sequence[ResultSet],
+    limits: Limits,
+    masking: Sequence[Protected] | None = None,
+) -> ToolResult:
     """The last statement's rows at the top level; every statement's under `results` when several ran."""
+    protected: Sequence[Protected | None] = masking if masking is not None else [None] * len(results)
     blocks = []
-    for index, result in enumerate(results):
+    for index, (result, notes) in enumerate(zip(results, protected, strict=True)):
         head = f"-- statement {index + 1} of {len(results)}\n" if len(results) > 1 else ""
         table = (
             text_table([c.name for c in result.columns], result.rows) if result.columns else "(no columns)"
         )
-        blocks.append(f"{head}{table}\n{_footer(result, limits)}")
+        blocks.append(f"{head}{table}\n{_footer(result, limits)}{_masking_line(notes)}")
     structured: dict[str, JsonValue] = {"call_id": call_id, "connection": connection}
-    structured.update(result_set_data(results[-1], limits))
+    structured.update(result_set_data(results[-1], limits, protected[-1]))
     if len(results) > 1:
-        structured["results"] = [result_set_data(r, limits) for r in results]
+        structured["results"] = [
+            result_set_data(r, limits, p) for r, p in zip(results, protected, strict=True)
+        ]
     return ToolResult(call_id, "\n\n".join(blocks), structured)
 
 

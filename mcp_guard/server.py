@@ -6,19 +6,45 @@ refusal is an error result the model reads; the server keeps serving.
 
 from __future__ import annotations
 
+import asyncio
+import json
+import logging
+import re
+import signal
+import socket
+import sys
 import uuid
-from typing import Annotated, Any
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal
 
+import uvicorn
+from mcp.server.auth.middleware.auth_context import get_access_token
+from mcp.server.auth.provider import AccessToken
+from mcp.server.auth.settings import AuthSettings
+from mcp.server.connection import Connection
 from mcp.server.context import CallNext, HandlerResult, ServerMiddleware, ServerRequestContext
 from mcp.server.mcpserver import Context, MCPServer
 from mcp.server.session import ServerSession
+from mcp.server.stdio import stdio_server
 from mcp_types import CallToolResult, TextContent, ToolAnnotations
-from pydantic import Field
+from pydantic import ConfigDict, Field
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcp_guard import __version__
+from mcp_guard import __version__, stdio
+from mcp_guard.config import is_loopback
+from mcp_guard.errors import AuditError, AuthenticationError, UsageError
 from mcp_guard.guard import CallContext, Guard
-from mcp_guard.identity import Identity
-from mcp_guard.results import ToolResult
+from mcp_guard.identity import Identity, OidcVerifier
+from mcp_guard.results import ToolResult, error_result
+
+log = logging.getLogger(__name__)
+
+Transport = Literal["stdio", "sse", "streamable-http"]
+Caller = Callable[[], Awaitable[Identity]]
+"""Who makes the current request; raises AuthenticationError when no one verifiable does."""
 
 INSTRUCTIONS = """\
 mcp-guard is the only path to these databases. Every call is classified, decided by policy and
@@ -54,34 +80,131 @@ def _to_mcp(result: ToolResult) -> CallToolResult:
     )
 
 
-class _Session:
-    """The one session of a stdio server process: recorded when the first call arrives."""
+SESSION_STATE = "mcp-guard/session"
+NO_SESSION = "-"
 
-    def __init__(self, guard: Guard, identity: Identity) -> None:
+
+def _connection_of(session: ServerSession) -> Connection:
+    """The SDK's per-client connection behind a request: one per MCP session.
+
+    mcp 2.3 keeps it private on `ServerSession` (its public `Context.connection` is not yet handed to
+    tools). Read here, once, it gives each session the SDK's own per-connection `state` and the
+    `exit_stack` that is unwound when the connection closes.
+    """
+    connection = getattr(session, "_connection", None)
+    if not isinstance(connection, Connection):
+        raise RuntimeError("this mcp SDK no longer leads from a request to its connection")
+    return connection
+
+
+class Sessions:
+    """Every MCP session of this server and who opened it: the one place recording SESSION_START/END.
+
+    A session is the process on stdio, one SSE stream, or one streamable-HTTP session (a 2026-07-28
+    request, which has no session, is a session of one request). It starts with its first tool call,
+    under that call's identity; each later call runs with its own verified identity (a refreshed
+    token's groups) and is refused if that names someone else.
+    """
+
+    def __init__(self, guard: Guard, caller: Caller, transport: Transport) -> None:
         self.guard = guard
-        self.identity = identity
-        self.id = str(uuid.uuid4())
-        self.context: CallContext | None = None
+        self.caller = caller
+        self.transport = transport
+        self._open: dict[str, CallContext] = {}
+        self._lock = asyncio.Lock()
+        self._process_id = str(uuid.uuid4()) if transport == "stdio" else None
 
     async def context_for(self, session: ServerSession) -> CallContext:
-        if self.context is None:
-            params = session.client_params
-            info = params.client_info if params else None
-            client = f"{info.name}/{info.version}" if info else None
-            self.context = CallContext(identity=self.identity, session_id=self.id, client=client)
-            await self.guard.start_session(self.context, {"transport": "stdio", "server": __version__})
-        return self.context
+        identity = await self.caller()
+        started = self._started(session)
+        if started is None:
+            async with self._lock:
+                started = self._started(session) or await self._start(session, identity)
+        if (identity.subject, identity.issuer) != (started.identity.subject, started.identity.issuer):
+            raise AuthenticationError(
+                f"this session belongs to {started.identity.subject}; the token now names "
+                f"{identity.subject}: start a new session to change user"
+            )
+        return CallContext(identity=identity, session_id=started.session_id, client=started.client)
 
-    async def end(self) -> None:
-        if self.context is not None:
-            await self.guard.end_session(self.context)
+    async def run(
+        self, session: ServerSession, tool: str, step: Callable[[CallContext], Awaitable[ToolResult]]
+    ) -> CallToolResult:
+        """One tool call: its caller identified first; refused with the reason when that fails."""
+        try:
+            context = await self.context_for(session)
+        except AuthenticationError as error:
+            return await self.refuse(session, tool, error)
+        return _to_mcp(await step(context))
+
+    async def refuse(self, session: ServerSession, tool: str, error: AuthenticationError) -> CallToolResult:
+        """A call without a verifiable caller, recorded as an authentication failure."""
+        call_id = str(uuid.uuid4())
+        await self.guard.record_auth_failure(
+            str(error),
+            transport=self.transport,
+            session_id=self._session_id(session),
+            detail=error.detail,
+            call_id=call_id,
+            tool=tool,
+        )
+        return _to_mcp(error_result(f"Not authenticated: {error}", call_id))
+
+    async def check_caller(self) -> None:
+        """stdio: verify the token at start, so a bad one is reported before the first call needs it."""
+        try:
+            identity = await self.caller()
+        except AuthenticationError as error:
+            log.warning("calls are refused until the token is replaced: %s", error)
+            await self.guard.record_auth_failure(
+                str(error), transport=self.transport, session_id=self._session_id(None), detail=error.detail
+            )
+        else:
+            log.info("calls run as %s (groups: %s)", identity.subject, ", ".join(sorted(identity.groups)))
+
+    async def close(self) -> None:
+        """End the sessions still open (server shutdown)."""
+        for session_id in list(self._open):
+            await self._end(session_id)
+
+    def _started(self, session: ServerSession) -> CallContext | None:
+        if self._process_id is not None:
+            return self._open.get(self._process_id)
+        started = _connection_of(session).state.get(SESSION_STATE)
+        return started if isinstance(started, CallContext) else None
+
+    def _session_id(self, session: ServerSession | None) -> str:
+        started = self._started(session) if session is not None else None
+        return started.session_id if started else (self._process_id or NO_SESSION)
+
+    async def _start(self, session: ServerSession, identity: Identity) -> CallContext:
+        params = session.client_params
+        info = params.client_info if params else None
+        client = f"{info.name}/{info.version}" if info else None
+        session_id = self._process_id or str(uuid.uuid4())
+        context = CallContext(identity=identity, session_id=session_id, client=client)
+        detail: dict[str, Any] = {"transport": self.transport, "server": __version__}
+        connection = None if self._process_id is not None else _connection_of(session)
+        if connection is not None and connection.session_id:
+            detail["transport_session"] = connection.session_id
+        await self.guard.start_session(context, detail)
+        self._open[context.session_id] = context
+        if connection is not None:
+            connection.state[SESSION_STATE] = context
+            connection.exit_stack.push_async_callback(self._end, context.session_id)
+        return context
+
+    async def _end(self, session_id: str) -> None:
+        context = self._open.pop(session_id, None)
+        if context is not None:
+            await self.guard.end_session(context)
 
 
 def _text_of(result: CallToolResult) -> str:
     return "\n".join(block.text for block in result.content if isinstance(block, TextContent))
 
 
-def _rejections_recorder(guard: Guard, session: _Session) -> ServerMiddleware[Any]:
+def _rejections_recorder(guard: Guard, sessions: Sessions) -> ServerMiddleware[Any]:
     """Audit tool calls the SDK refuses before any tool runs (unknown tool, arguments off the schema)."""
 
     async def record(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
@@ -93,36 +216,48 @@ def _rejections_recorder(guard: Guard, session: _Session) -> ServerMiddleware[An
             and CALL_META not in (result.meta or {})
         ):
             params = ctx.params if isinstance(ctx.params, dict) else {}
+            tool = str(params.get("name", "?"))[:200]
+            try:
+                context = await sessions.context_for(ctx.session)
+            except AuthenticationError as error:
+                await sessions.refuse(ctx.session, tool, error)
+                return result
             await guard.record_rejected(
-                await session.context_for(ctx.session),
-                tool=str(params.get("name", "?"))[:200],
-                arguments=params.get("arguments"),
-                message=_text_of(result),
+                context, tool=tool, arguments=params.get("arguments"), message=_text_of(result)
             )
         return result
 
     return record
 
 
-def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]:
-    session = _Session(guard, identity)
+def build_server(
+    guard: Guard,
+    caller: Caller,
+    transport: Transport,
+    *,
+    token_verifier: BearerVerifier | None = None,
+    auth: AuthSettings | None = None,
+) -> tuple[MCPServer, Sessions]:
+    sessions = Sessions(guard, caller, transport)
     server = MCPServer(
         name="mcp-guard",
         version=__version__,
         instructions=INSTRUCTIONS,
-        middleware=[_rejections_recorder(guard, session)],
+        middleware=[_rejections_recorder(guard, sessions)],
+        token_verifier=token_verifier,
+        auth=auth,
     )
     read_only = ToolAnnotations(read_only_hint=True, destructive_hint=False, open_world_hint=False)
 
     @server.tool(annotations=read_only)
     async def list_connections(ctx: Context) -> CallToolResult:
         """List the database connections you may use, their SQL dialect and what each tool may run."""
-        return _to_mcp(await guard.list_connections(await session.context_for(ctx.session)))
+        return await sessions.run(ctx.session, "list_connections", guard.list_connections)
 
     @server.tool(annotations=read_only)
     async def list_tables(ctx: Context, connection: ConnectionArg = None) -> CallToolResult:
         """List the tables and views of a connection."""
-        return _to_mcp(await guard.list_tables(await session.context_for(ctx.session), connection))
+        return await sessions.run(ctx.session, "list_tables", lambda c: guard.list_tables(c, connection))
 
     @server.tool(annotations=read_only)
     async def describe_table(
@@ -131,7 +266,9 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
         connection: ConnectionArg = None,
     ) -> CallToolResult:
         """Describe a table's columns: name, type, nullability, primary key."""
-        return _to_mcp(await guard.describe_table(await session.context_for(ctx.session), connection, table))
+        return await sessions.run(
+            ctx.session, "describe_table", lambda c: guard.describe_table(c, connection, table)
+        )
 
     @server.tool(annotations=read_only)
     async def query(
@@ -141,7 +278,7 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
         params: ParamsArg = None,
     ) -> CallToolResult:
         """Run read-only SQL. Returns a text table and structured rows; large results are truncated."""
-        return _to_mcp(await guard.query(await session.context_for(ctx.session), connection, sql, params))
+        return await sessions.run(ctx.session, "query", lambda c: guard.query(c, connection, sql, params))
 
     @server.tool(
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
@@ -157,8 +294,11 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
     ) -> CallToolResult:
         """Run writes under policy in one transaction (all or nothing); reports rows affected. Risky
         changes wait for a reviewer's approval; if none comes in time, the answer is a request id."""
-        context = await session.context_for(ctx.session)
-        return _to_mcp(await guard.execute(context, connection, sql, reason, params, ctx.report_progress))
+        return await sessions.run(
+            ctx.session,
+            "execute",
+            lambda c: guard.execute(c, connection, sql, reason, params, ctx.report_progress),
+        )
 
     @server.tool(
         annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
@@ -169,14 +309,212 @@ def build_server(guard: Guard, identity: Identity) -> tuple[MCPServer, _Session]
     ) -> CallToolResult:
         """State of a held request. Once a reviewer approved it, runs its stored statement, exactly once;
         never different SQL. Nobody can approve through this tool."""
-        return _to_mcp(await guard.approval_status(await session.context_for(ctx.session), request_id))
+        return await sessions.run(
+            ctx.session, "approval_status", lambda c: guard.approval_status(c, request_id)
+        )
 
-    return server, session
+    return server, sessions
 
 
-async def serve_stdio(guard: Guard, identity: Identity) -> None:
-    server, session = build_server(guard, identity)
+async def serve_stdio(guard: Guard, caller: Caller) -> None:
+    server, sessions = build_server(guard, caller, "stdio")
+    await sessions.check_caller()
     try:
-        await server.run_stdio_async()
+        if not stdio.usable():
+            await server.run_stdio_async()
+            return
+        # What MCPServer.run_stdio_async does, over event-loop pipes instead of thread-wrapped files.
+        lowlevel = server._lowlevel_server
+        async with stdio.pipe_stdio() as (lines, out), stdio_server(lines, out) as (read, write):  # type: ignore[arg-type]
+            await lowlevel.run(read, write, lowlevel.create_initialization_options())
     finally:
-        await session.end()
+        await sessions.close()
+
+
+# HTTP: an OAuth protected resource ----------------------------------------------------------------
+
+
+class VerifiedToken(AccessToken):
+    """The SDK's access token, carrying the identity our verification found in it."""
+
+    model_config = ConfigDict(arbitrary_types_allowed=True)
+
+    identity: Identity
+
+
+@dataclass(slots=True)
+class _Refusal:
+    error: AuthenticationError | None = None
+
+
+_refusal: ContextVar[_Refusal | None] = ContextVar("mcp_guard_refusal", default=None)
+
+
+class BearerVerifier:
+    """The SDK's token verifier: our OIDC checks; a refusal's reason is kept for the 401 it causes."""
+
+    def __init__(self, verifier: OidcVerifier) -> None:
+        self.verifier = verifier
+
+    async def verify_token(self, token: str) -> AccessToken | None:
+        try:
+            identity = await self.verifier.verify(token)
+        except AuthenticationError as error:
+            pending = _refusal.get()
+            if pending is not None:
+                pending.error = error
+            return None
+        return VerifiedToken(
+            token=token,
+            client_id=identity.authorized_party or identity.subject,
+            scopes=[],
+            expires_at=identity.expires_at,
+            subject=identity.subject,
+            claims={"iss": identity.issuer},
+            identity=identity,
+        )
+
+
+async def bearer_identity() -> Identity:
+    """The identity of the verified token on the HTTP request being served."""
+    token = get_access_token()
+    if not isinstance(token, VerifiedToken):
+        raise AuthenticationError("this request carries no verified token")
+    return token.identity
+
+
+def _challenge(original: bytes, reason: str) -> bytes:
+    """The SDK's WWW-Authenticate header (with its resource_metadata) with our reason as description."""
+    safe = reason.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
+    value = original.decode("latin-1")
+    if "error_description=" in value:
+        value = re.sub(r'error_description="[^"]*"', lambda _: f'error_description="{safe}"', value)
+    else:
+        value = f'Bearer error="invalid_token", error_description="{safe}"'
+    return value.encode("latin-1", "replace")
+
+
+def _unexplained(scope: Scope) -> AuthenticationError:
+    """Why a 401 the verifier did not explain happened: no bearer token, or the SDK's own checks."""
+    sent = dict(scope.get("headers", [])).get(b"authorization", b"")
+    if sent[:7].lower() == b"bearer ":
+        return AuthenticationError("the bearer token was refused (expired, or not issued for this resource)")
+    return AuthenticationError("the request carries no bearer token (Authorization: Bearer <token>)")
+
+
+class RecordRefusals:
+    """Every 401 is recorded as an authentication failure and tells the client why (RFC 6750)."""
+
+    def __init__(self, app: ASGIApp, guard: Guard, transport: Transport) -> None:
+        self.app = app
+        self.guard = guard
+        self.transport = transport
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        refusal = _Refusal()
+        reset = _refusal.set(refusal)
+        replaced = False
+
+        async def explain(message: Message) -> None:
+            nonlocal replaced
+            if message["type"] == "http.response.start" and message["status"] == 401:
+                replaced = True
+                error = refusal.error or _unexplained(scope)
+                await self._record(scope, error)
+                body = json.dumps({"error": "invalid_token", "error_description": str(error)}).encode()
+                original = dict(message.get("headers", [])).get(b"www-authenticate", b"")
+                headers = [
+                    (name, value)
+                    for name, value in message.get("headers", [])
+                    if name.lower() not in (b"content-length", b"www-authenticate")
+                ]
+                headers += [
+                    (b"content-length", str(len(body)).encode()),
+                    (b"www-authenticate", _challenge(original, str(error))),
+                ]
+                await send({"type": "http.response.start", "status": 401, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+            elif not replaced:
+                await send(message)
+
+        try:
+            await self.app(scope, receive, explain)
+        finally:
+            _refusal.reset(reset)
+
+    async def _record(self, scope: Scope, error: AuthenticationError) -> None:
+        client = scope.get("client")
+        detail = {**error.detail, "path": str(scope.get("path", ""))[:200]}
+        if client:
+            detail["client_address"] = str(client[0])
+        try:
+            await self.guard.record_auth_failure(
+                str(error), transport=self.transport, session_id=NO_SESSION, detail=detail
+            )
+        except AuditError:
+            log.exception("could not record an authentication failure (the request was refused)")
+
+
+def _listen(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, reuse_port=False)
+    except OSError as error:
+        raise UsageError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+
+
+async def serve_http(
+    guard: Guard, verifier: OidcVerifier, transport: Literal["sse", "streamable-http"], host: str, port: int
+) -> None:
+    """Serve SSE or streamable HTTP; every request must carry a bearer token from the configured issuer."""
+    listener = _listen(host, port)
+    port = listener.getsockname()[1]
+    path = "/mcp" if transport == "streamable-http" else "/sse"
+    base = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+    settings = verifier.settings
+    resource = settings.resource_url or f"{base}{path}"
+    if not is_loopback(host) and not resource.startswith("https://"):
+        log.warning(
+            "listening on %s, beyond this machine: bearer tokens need TLS; put mcp-guard behind a TLS "
+            "proxy and set identity.resource_url to the https:// URL clients use",
+            host,
+        )
+    auth = AuthSettings(
+        issuer_url=settings.issuer,  # type: ignore[arg-type]  # pydantic validates the string
+        resource_server_url=resource,  # type: ignore[arg-type]
+        validate_token_resource=False,  # the verifier checks `aud` itself
+    )
+    server, sessions = build_server(
+        guard, bearer_identity, transport, token_verifier=BearerVerifier(verifier), auth=auth
+    )
+    app = server.sse_app(host=host) if transport == "sse" else server.streamable_http_app(host=host)
+    config = uvicorn.Config(
+        RecordRefusals(app, guard, transport), log_level="warning", timeout_graceful_shutdown=5
+    )
+    http = _HttpServer(config)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, http.stop)
+    print(f"mcp-guard: serving {transport} at {base}{path}, resource {resource}", file=sys.stderr, flush=True)
+    try:
+        await http.serve(sockets=[listener])
+    finally:
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.remove_signal_handler(signum)
+        await sessions.close()
+
+
+class _HttpServer(uvicorn.Server):
+    """uvicorn without its signal capture, which re-raises the signal after shutting down and so kills
+    the process before the open sessions are ended and the audit store is closed."""
+
+    @contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+    def stop(self) -> None:
+        # Through handle_exit: sse-starlette hooks it to end open event streams instead of waiting for them.
+        self.handle_exit(signal.SIGTERM, None)

@@ -11,6 +11,7 @@ import asyncpg
 import pytest
 
 from mcp_guard.demo.data import create_demo_database, shop_rows
+from tests.idp import LocalIdP
 
 PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/test"
 
@@ -86,3 +87,19 @@ def write_config(tmp_path: Path, body: str) -> Path:
     path = tmp_path / "mcp-guard.toml"
     path.write_text(f'[audit]\nurl = "sqlite:///{tmp_path / "audit.db"}"\n\n{body}')
     return path
+
+
+@pytest.fixture(scope="session")
+def local_idp() -> Iterator[LocalIdP]:
+    """An OIDC provider on 127.0.0.1 shared by the session; tests that rotate keys make their own."""
+    idp = LocalIdP().start()
+    yield idp
+    idp.stop()
+
+
+@pytest.fixture
+def fresh_idp() -> Iterator[LocalIdP]:
+    """An OIDC provider of this test alone, whose keys it may rotate."""
+    idp = LocalIdP().start()
+    yield idp
+    idp.stop()

@@ -370,10 +370,17 @@ SELECT json_build_object(
 """
 
 
+async def _write_pool_state(pg: PostgresBackend) -> object:
+    [result] = await pg.write([SESSION_STATE], [], Limits())
+    assert result.returned is not None
+    return result.returned.rows[0][0]
+
+
 async def test_postgres_pool_comes_back_clean_after_session_state(
     pg: PostgresBackend, pg_schema: str
 ) -> None:
-    before = await pg_value(pg, SESSION_STATE)
+    """Writes have their own pool, with the role's defaults: its one connection comes back clean."""
+    before = await _write_pool_state(pg)
     await pg.write(
         [
             "SET search_path = pg_catalog",
@@ -388,9 +395,26 @@ async def test_postgres_pool_comes_back_clean_after_session_state(
         [],
         Limits(),
     )
-    after = await pg_value(pg, SESSION_STATE)
+    after = await _write_pool_state(pg)
     assert after == before
     assert before == {**before, "user": "postgres", "channels": 0, "advisory": 0, "prepared": 0, "temp": 0}
+
+
+@pytest.mark.parametrize("read_timeout_s", [2.0, None])
+async def test_postgres_reads_are_read_only_and_timed_with_or_without_a_begin(
+    read_timeout_s: float | None,
+) -> None:
+    """With the pool's own timeout a single read runs in its implicit transaction; otherwise in a BEGIN."""
+    backend = PostgresBackend(PG_URL, pool_size=1, read_timeout_s=read_timeout_s)
+    await backend.open()
+    try:
+        sql = "SELECT current_setting('transaction_read_only'), current_setting('statement_timeout')"
+        [result] = await backend.read([sql], [], Limits(timeout_s=2.0))
+        assert result.rows == [["on", "2s"]]
+        with pytest.raises(BackendError, match="read-only transaction"):
+            await backend.read(["CREATE TABLE mcpguard_never (a int)"], [], Limits(timeout_s=2.0))
+    finally:
+        await backend.close()
 
 
 async def test_postgres_session_state_made_inside_a_read_does_not_survive_it(pg: PostgresBackend) -> None:

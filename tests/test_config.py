@@ -13,6 +13,8 @@ from mcp_guard.config import (
     ApprovalSettings,
     ConnectionSettings,
     IdentitySettings,
+    MaskingSettings,
+    MaskRule,
     PolicyRule,
     PolicySettings,
     ReviewerSettings,
@@ -145,14 +147,8 @@ def test_the_full_example_is_valid(tmp_path, monkeypatch):
 
 def test_every_setting_is_documented():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    for model in (
-        ConnectionSettings,
-        PolicyRule,
-        PolicySettings,
-        IdentitySettings,
-        ApprovalSettings,
-        ReviewerSettings,
-    ):
+    models = (ConnectionSettings, PolicyRule, PolicySettings, IdentitySettings, MaskingSettings, MaskRule)
+    for model in (*models, ApprovalSettings, ReviewerSettings):
         for name in model.model_fields:
             assert f"`{name}`" in doc, f"{model.__name__}.{name} is missing from docs/configuration.md"
     assert "`response_cap`" in doc and "`url`" in doc

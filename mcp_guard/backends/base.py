@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
@@ -109,6 +109,46 @@ class ColumnInfo:
     primary_key: bool
 
 
+@dataclass(frozen=True, slots=True)
+class Relation:
+    """A table or view as the database names it; `definition` is a view's SELECT text."""
+
+    schema: str
+    name: str
+    kind: Literal["table", "view"]
+    columns: tuple[tuple[str, str], ...]
+    """(name, type) in the order `SELECT *` gives them."""
+    definition: str | None = None
+    system: bool = False
+    """A catalog relation (pg_catalog, information_schema, sqlite_master...)."""
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{self.schema}.{self.name}"
+
+
+@dataclass(frozen=True, slots=True)
+class DbSchema:
+    """Every relation of a database and how an unqualified name is looked up, read once and cached.
+
+    Names are as the database stores them (PostgreSQL: case-sensitive; SQLite: compared folded).
+    """
+
+    relations: tuple[Relation, ...]
+    search_path: tuple[str, ...]
+    """Schemas searched, in order, for an unqualified name."""
+    case_sensitive: bool
+
+
+@dataclass(frozen=True, slots=True)
+class SqlFunction:
+    """A deterministic scalar function the guard registers on SQLite read connections (masks)."""
+
+    name: str
+    arguments: int
+    function: Callable[..., object]
+
+
 class Backend(ABC):
     """One configured database connection."""
 
@@ -123,9 +163,17 @@ class Backend(ABC):
 
     @abstractmethod
     async def read(
-        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+        self,
+        statements: Sequence[str],
+        params: Sequence[JsonScalar],
+        limits: Limits,
+        bound: Sequence[Sequence[JsonScalar]] | None = None,
     ) -> list[ResultSet]:
-        """Run read statements in one read-only transaction, each alone; params go to a single one."""
+        """Run read statements in one read-only transaction, each alone; params go to a single one.
+
+        `bound`, one list per statement, holds parameters the guard appends after the caller's
+        (mask keys on PostgreSQL): placeholders the caller's SQL was checked never to name.
+        """
 
     @abstractmethod
     async def write(
@@ -146,13 +194,30 @@ class Backend(ABC):
     async def describe_table(self, table: str) -> list[ColumnInfo]:
         """Columns of `table` (optionally schema-qualified); UsageError when it does not exist."""
 
+    @abstractmethod
+    async def schema(self) -> DbSchema:
+        """Every table and view with its columns (catalog ones included), view definitions, search path."""
 
-def check_call(statements: Sequence[str], params: Sequence[JsonScalar]) -> None:
-    """For backends: a call has statements, and params only with exactly one of them."""
+
+def check_call(
+    statements: Sequence[str],
+    params: Sequence[JsonScalar],
+    bound: Sequence[Sequence[JsonScalar]] | None = None,
+) -> None:
+    """For backends: a call has statements, params only with exactly one of them, `bound` one per each."""
     if not statements:
         raise UsageError("no SQL statement to run")
     if params and len(statements) != 1:
         raise UsageError(f"params need exactly one statement; this call has {len(statements)}")
+    if bound is not None and len(bound) != len(statements):
+        raise UsageError(f"bound parameters for {len(bound)} statement(s), {len(statements)} given")
+
+
+def statement_params(
+    params: Sequence[JsonScalar], bound: Sequence[Sequence[JsonScalar]] | None, index: int
+) -> list[JsonScalar]:
+    """For backends: the caller's params followed by what the guard bound for statement `index`."""
+    return [*params, *(bound[index] if bound else ())]
 
 
 def numbered(statements: Sequence[str]) -> Iterator[tuple[str, str]]:

@@ -28,12 +28,15 @@ from mcp_guard.backends.base import (
     Backend,
     Column,
     ColumnInfo,
+    DbSchema,
     Limits,
+    Relation,
     ResultSet,
     TableInfo,
     WriteResult,
     check_call,
     numbered,
+    statement_params,
 )
 from mcp_guard.classify import Statement
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
@@ -95,6 +98,22 @@ LEFT JOIN pg_catalog.pg_index i ON i.indrelid = a.attrelid AND i.indisprimary
 WHERE a.attrelid = $1 AND a.attnum > 0 AND NOT a.attisdropped
 ORDER BY a.attnum
 """
+
+_SCHEMA = """
+SELECT n.nspname, c.relname, c.relkind IN ('v', 'm'),
+       array_agg(a.attname::text ORDER BY a.attnum),
+       array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
+       CASE WHEN c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
+            THEN pg_catalog.pg_get_viewdef(c.oid) END,
+       n.nspname IN ('pg_catalog', 'information_schema')
+FROM pg_catalog.pg_class c
+JOIN pg_catalog.pg_namespace n ON n.oid = c.relnamespace
+JOIN pg_catalog.pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped
+WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
+  AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
+GROUP BY n.nspname, c.relname, c.relkind, c.oid
+"""
+_SEARCH_PATH = "SELECT pg_catalog.current_schemas(true)::text[]"
 
 _COUNTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT"})
 _DECODED_AS: dict[str, type] = {
@@ -158,58 +177,94 @@ class PostgresBackend(Backend):
 
     dialect = "postgres"
 
-    def __init__(self, url: str, *, pool_size: int = 4) -> None:
+    def __init__(self, url: str, *, pool_size: int = 4, read_timeout_s: float | None = None) -> None:
         parts = urlsplit(url)
         self._url = url
         self._pool_size = pool_size
+        self._read_timeout_s = read_timeout_s
         passwords = [parts.password or "", *parse_qs(parts.query).get("password", [])]
         self._secrets = tuple(
             secret for password in passwords for secret in (password, unquote(password)) if secret
         )
         self._where = f"{parts.hostname or 'localhost'}:{parts.port or 5432}{parts.path or '/'}"
         self._pool: asyncpg.Pool | None = None
+        self._write_pool: asyncpg.Pool | None = None
+        self._write_pool_lock = asyncio.Lock()
         self._settling: set[asyncio.Task[None]] = set()
 
     async def open(self) -> None:
+        # Read connections start read-only, with the statement timeout, as session defaults that the
+        # reset restores: a single-statement read then needs no BEGIN, one round trip in all.
+        settings = {"default_transaction_read_only": "on"}
+        if self._read_timeout_s is not None:
+            settings["statement_timeout"] = str(_timeout_ms(self._read_timeout_s))
+        self._pool = await self._create_pool(settings)
+
+    async def _create_pool(self, settings: dict[str, str]) -> asyncpg.Pool:
         where = f"cannot connect to PostgreSQL at {self._where}"
         with self._errors(_CONNECT_TIMEOUT_S, where):
             try:
-                self._pool = await asyncpg.create_pool(
+                return await asyncpg.create_pool(
                     self._url,
                     min_size=1,
                     max_size=self._pool_size,
                     connection_class=_GuardedConnection,
                     init=_install_codecs,
                     timeout=_CONNECT_TIMEOUT_S,
-                    server_settings={"application_name": "mcp-guard"},
+                    server_settings={"application_name": "mcp-guard", **settings},
                 )
             except TimeoutError as error:
                 raise BackendError(f"{where}: no answer within {_CONNECT_TIMEOUT_S:g} s") from error
 
+    async def _writer_pool(self) -> asyncpg.Pool:
+        """Write connections keep the role's own defaults, so a role the DBA made read-only stays so."""
+        async with self._write_pool_lock:
+            if self._write_pool is None:
+                self._write_pool = await self._create_pool({})
+            return self._write_pool
+
     async def close(self) -> None:
-        pool, self._pool = self._pool, None
+        pools = [pool for pool in (self._pool, self._write_pool) if pool is not None]
+        self._pool = self._write_pool = None
         await asyncio.gather(*self._settling, return_exceptions=True)
-        if pool is not None:
+        for pool in pools:
             await pool.close()
 
     async def read(
-        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+        self,
+        statements: Sequence[str],
+        params: Sequence[JsonScalar],
+        limits: Limits,
+        bound: Sequence[Sequence[JsonScalar]] | None = None,
     ) -> list[ResultSet]:
-        check_call(statements, params)
+        check_call(statements, params, bound)
         try:
-            return await self._read(statements, params, limits)
+            return await self._read(statements, params, limits, bound)
         except BackendError as error:
             if not isinstance(error.__cause__, _STALE_PLAN):
                 raise
         # A table changed shape since asyncpg cached the plan; asyncpg has dropped it: once more.
-        return await self._read(statements, params, limits)
+        return await self._read(statements, params, limits, bound)
 
     async def _read(
-        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+        self,
+        statements: Sequence[str],
+        params: Sequence[JsonScalar],
+        limits: Limits,
+        bound: Sequence[Sequence[JsonScalar]] | None,
     ) -> list[ResultSet]:
         backstop = limits.timeout_s + _BACKSTOP_S
         results: list[ResultSet] = []
-        async with self._connection(limits) as conn:
+        async with self._connection(self._pool, limits) as conn:
+            if len(statements) == 1 and limits.timeout_s == self._read_timeout_s:
+                # The session defaults already make its implicit transaction read-only and timed.
+                with self._errors(limits.timeout_s):
+                    columns, rows = await conn.fetch_capped(
+                        statements[0], statement_params(params, bound, 0), limits.row_limit + 1, backstop
+                    )
+                if conn.is_in_transaction():
+                    raise BackendError("the statement opened a transaction: refused")
+                return [ResultSet.capped(columns, rows, limits)]
             with self._errors(limits.timeout_s):
                 # One snapshot for all statements; the trailing SELECT takes it, after which
                 # SET TRANSACTION READ WRITE is refused.
@@ -217,9 +272,10 @@ class PostgresBackend(Backend):
                     f"BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; {_timeout_sql(limits)}; SELECT",
                     timeout=backstop,
                 )
-            for where, sql in numbered(statements):
+            for index, (where, sql) in enumerate(numbered(statements)):
+                arguments = statement_params(params, bound, index)
                 with self._errors(limits.timeout_s, where):
-                    columns, rows = await conn.fetch_capped(sql, params, limits.row_limit + 1, backstop)
+                    columns, rows = await conn.fetch_capped(sql, arguments, limits.row_limit + 1, backstop)
                 if not conn.is_in_transaction():
                     raise BackendError(f"{where or 'the statement'} ended the read-only transaction: refused")
                 results.append(ResultSet.capped(columns, rows, limits))
@@ -231,7 +287,7 @@ class PostgresBackend(Backend):
         check_call(statements, params)
         backstop = limits.timeout_s + _BACKSTOP_S
         results: list[WriteResult] = []
-        async with self._connection(limits) as conn:
+        async with self._connection(await self._writer_pool(), limits) as conn:
             with self._errors(limits.timeout_s):
                 # Plain BEGIN: a role the DBA made read-only by default stays read-only.
                 await conn.execute(f"BEGIN; {_timeout_sql(limits)}", timeout=backstop)
@@ -258,7 +314,7 @@ class PostgresBackend(Backend):
         """The planner's estimate: EXPLAIN without ANALYZE, in a read-only transaction, so nothing runs."""
         check_call([statement.text], params)
         backstop = limits.timeout_s + _BACKSTOP_S
-        async with self._connection(limits) as conn:
+        async with self._connection(self._pool, limits) as conn:  # the read pool: read-only sessions
             with self._errors(limits.timeout_s, "row estimate"):
                 await conn.execute(f"BEGIN READ ONLY; {_timeout_sql(limits)}", timeout=backstop)
                 prepared = await conn.prepare("EXPLAIN (FORMAT JSON) " + statement.text, timeout=backstop)
@@ -268,14 +324,14 @@ class PostgresBackend(Backend):
 
     async def list_tables(self) -> list[TableInfo]:
         limits = Limits()
-        async with self._connection(limits) as conn:
+        async with self._connection(self._pool, limits) as conn:
             with self._errors(limits.timeout_s):
                 records = await conn.fetch(_LIST_TABLES, timeout=limits.timeout_s)
         return [TableInfo(schema, name, "view" if is_view else "table") for schema, name, is_view in records]
 
     async def describe_table(self, table: str) -> list[ColumnInfo]:
         limits = Limits()
-        async with self._connection(limits) as conn:
+        async with self._connection(self._pool, limits) as conn:
             with self._errors(limits.timeout_s):
                 for schema, name in _name_candidates(table):
                     oid = await conn.fetchval(_FIND_TABLE, schema, name, timeout=limits.timeout_s)
@@ -286,12 +342,32 @@ class PostgresBackend(Backend):
             f"no table named {table!r} on this connection (list_tables shows the names, with their schema)"
         )
 
+    async def schema(self) -> DbSchema:
+        limits = Limits(timeout_s=30.0)
+        async with self._connection(self._pool, limits) as conn:
+            with self._errors(limits.timeout_s):
+                records = await conn.fetch(_SCHEMA, timeout=limits.timeout_s)
+                path = await conn.fetchval(_SEARCH_PATH, timeout=limits.timeout_s)
+        relations = tuple(
+            Relation(
+                schema,
+                name,
+                "view" if is_view else "table",
+                tuple(zip(names, types, strict=True)),
+                definition,
+                system,
+            )
+            for schema, name, is_view, names, types, definition, system in records
+        )
+        return DbSchema(relations, tuple(path), case_sensitive=True)
+
     @asynccontextmanager
-    async def _connection(self, limits: Limits) -> AsyncIterator[_GuardedConnection]:
+    async def _connection(
+        self, pool: asyncpg.Pool | None, limits: Limits
+    ) -> AsyncIterator[_GuardedConnection]:
         """A pooled connection; whatever happens, it is settled (rolled back, reset) after the call."""
-        if self._pool is None:
+        if pool is None:
             raise BackendError("the PostgreSQL connection is not open")
-        pool = self._pool
         with self._errors(limits.timeout_s, f"cannot connect to PostgreSQL at {self._where}"):
             try:
                 conn = cast(_GuardedConnection, await pool.acquire(timeout=limits.timeout_s))
@@ -354,8 +430,12 @@ def _encode_json(value: object) -> str:
     return value if isinstance(value, str) else json.dumps(value)
 
 
+def _timeout_ms(seconds: float) -> int:
+    return max(1, round(seconds * 1000))
+
+
 def _timeout_sql(limits: Limits) -> str:
-    return f"SET LOCAL statement_timeout = {max(1, round(limits.timeout_s * 1000))}"
+    return f"SET LOCAL statement_timeout = {_timeout_ms(limits.timeout_s)}"
 
 
 @functools.lru_cache(maxsize=1024)

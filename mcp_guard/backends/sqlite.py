@@ -28,12 +28,16 @@ from mcp_guard.backends.base import (
     Backend,
     Column,
     ColumnInfo,
+    DbSchema,
     Limits,
+    Relation,
     ResultSet,
+    SqlFunction,
     TableInfo,
     WriteResult,
     check_call,
     numbered,
+    statement_params,
 )
 from mcp_guard.classify import Statement
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
@@ -69,6 +73,16 @@ WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\_%' ESCAPE '\'
 ORDER BY name
 """
 _DESCRIBE_TABLE = 'SELECT name, type, "notnull", pk FROM pragma_table_info(?, ?) ORDER BY cid'
+_SCHEMA = """
+SELECT s.name, s.type, s.sql, c.name, c.type
+FROM (SELECT name, type, sql FROM sqlite_master WHERE type IN ('table', 'view')
+      UNION ALL SELECT 'sqlite_master', 'table', NULL UNION ALL SELECT 'sqlite_schema', 'table', NULL
+      UNION ALL SELECT 'sqlite_temp_master', 'table', NULL
+      UNION ALL SELECT 'sqlite_temp_schema', 'table', NULL) AS s
+JOIN pragma_table_info(s.name) AS c
+ORDER BY s.name, c.cid
+"""
+_SYSTEM_PREFIX = "sqlite_"
 _FIRST_WORD = re.compile(r"\s*(?:(?:--[^\n]*(?:\n|$)|/\*.*?\*/)\s*)*([A-Za-z]+)", re.S)
 
 
@@ -162,9 +176,12 @@ class SqliteBackend(Backend):
 
     dialect = "sqlite"
 
-    def __init__(self, path: str | Path, *, pool_size: int = 4) -> None:
+    def __init__(
+        self, path: str | Path, *, pool_size: int = 4, functions: Sequence[SqlFunction] = ()
+    ) -> None:
         self._path = Path(path).absolute()
         self._pool_size = pool_size
+        self._functions = tuple(functions)
         self._readers: asyncio.Queue[_Link] = asyncio.Queue()
         self._links: list[_Link] = []
         self._writer: _Link | None = None
@@ -195,9 +212,13 @@ class SqliteBackend(Backend):
             await conn.close()
 
     async def read(
-        self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
+        self,
+        statements: Sequence[str],
+        params: Sequence[JsonScalar],
+        limits: Limits,
+        bound: Sequence[Sequence[JsonScalar]] | None = None,
     ) -> list[ResultSet]:
-        check_call(statements, params)
+        check_call(statements, params, bound)
         results: list[ResultSet] = []
         async with self._reader(limits) as link:
             several = len(statements) > 1
@@ -205,9 +226,10 @@ class SqliteBackend(Backend):
                 with _errors(link.guard, limits.timeout_s):
                     await link.own("BEGIN")
             try:
-                for where, sql in numbered(statements):
+                for index, (where, sql) in enumerate(numbered(statements)):
+                    arguments = statement_params(params, bound, index)
                     with _errors(link.guard, limits.timeout_s, where):
-                        description, rows, _ = await link.run(sql, params, limits, limits.row_limit + 1)
+                        description, rows, _ = await link.run(sql, arguments, limits, limits.row_limit + 1)
                     results.append(_result_set(description, rows, limits))
             finally:
                 if several:
@@ -270,6 +292,28 @@ class SqliteBackend(Backend):
                     return _column_infos(rows)
         raise UsageError(f"no table named {table!r} on this connection (list_tables shows the names)")
 
+    async def schema(self) -> DbSchema:
+        with _errors(None, 0.0):
+            rows = await self._require_catalogue().execute_fetchall(_SCHEMA)
+        relations: dict[str, tuple[str, str | None, list[tuple[str, str]]]] = {}
+        for name, kind, sql, column, kind_of_column in rows:
+            relations.setdefault(name, (kind, sql, []))[2].append((column, kind_of_column or ""))
+        return DbSchema(
+            relations=tuple(
+                Relation(
+                    "main",
+                    name,
+                    "view" if kind == "view" else "table",
+                    tuple(columns),
+                    sql if kind == "view" else None,
+                    system=name.lower().startswith(_SYSTEM_PREFIX),
+                )
+                for name, (kind, sql, columns) in relations.items()
+            ),
+            search_path=("main",),
+            case_sensitive=False,
+        )
+
     def _uri(self, mode: str) -> str:
         return f"{self._path.as_uri()}?mode={mode}"
 
@@ -287,6 +331,11 @@ class SqliteBackend(Backend):
             factory=_QueryOnly if read_only else _NoAttach,
         )
         guard = _Guard(read_only)
+        if read_only:
+            for function in self._functions:
+                await conn.create_function(
+                    function.name, function.arguments, function.function, deterministic=True
+                )
         await conn.set_authorizer(guard.authorize)
         await conn.set_progress_handler(guard.progress, _PROGRESS_STEPS)
         link = _Link(conn, guard)

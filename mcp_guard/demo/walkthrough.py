@@ -27,7 +27,7 @@ from rich.markup import escape
 from rich.panel import Panel
 from rich.syntax import Syntax
 
-from mcp_guard.config import guard_home
+from mcp_guard.config import DEMO_MASKING, guard_home
 from mcp_guard.demo.data import create_demo_database
 from mcp_guard.demo.terminal import run_in_terminal
 from mcp_guard.reviewers import MIN_COST, enroll
@@ -49,6 +49,33 @@ STEPS: list[tuple[str, str, dict[str, Any], Decision]] = [
             "sql": "SELECT status, count(*) AS orders, round(sum(total), 2) AS revenue\n"
             "FROM orders GROUP BY status ORDER BY revenue DESC"
         },
+        None,
+    ),
+    (
+        "A masked read: email and phone in part, the SSN as a keyed hash, the card's last 4 digits",
+        "query",
+        {"sql": "SELECT id, name, email, phone, ssn, card_number FROM customers ORDER BY id LIMIT 3"},
+        None,
+    ),
+    (
+        "Renamed and wrapped, the column is still masked: the mask sits in the table the query reads",
+        "query",
+        {"sql": "SELECT upper(email) AS contact, replace(ssn, '-', '') AS ident FROM customers LIMIT 3"},
+        None,
+    ),
+    (
+        "A whole row as JSON (SQLite's json_object over every column) is masked too",
+        "query",
+        {
+            "sql": "SELECT json_object('name', c.name, 'email', c.email, 'card', c.card_number) AS row\n"
+            "FROM customers AS c LIMIT 2"
+        },
+        None,
+    ),
+    (
+        "An email inside free text: the content detector replaces it in place",
+        "query",
+        {"sql": "SELECT id, notes FROM customers WHERE notes LIKE '%@%' LIMIT 2"},
         None,
     ),
     (
@@ -100,9 +127,18 @@ def prepare(directory: Path) -> Path:
         f'[connections.shop]\nurl = "sqlite:///{directory / "shop.db"}"\n'
         'description = "Demo shop: customers, orders, payments, api_keys (SQLite, made-up data)"\n\n'
         "[approvals]\nwait = 45\n\n"
-        f'[approvals.reviewers.{REVIEWER}]\nkey = "{key}"\ngroups = ["reviewers"]\n'
+        f'[approvals.reviewers.{REVIEWER}]\nkey = "{key}"\ngroups = ["reviewers"]\n\n' + _masking_toml()
     )
     return config
+
+
+def _masking_toml() -> str:
+    """The built-in demo's masking rules, as the walkthrough's configuration writes them."""
+    tables = []
+    for rule in DEMO_MASKING.rules:
+        fields = rule.model_dump(mode="json", exclude_defaults=True)
+        tables.append("[[masking.rules]]\n" + "".join(f"{k} = {json.dumps(v)}\n" for k, v in fields.items()))
+    return "\n".join(tables)
 
 
 def _cli(env: dict[str, str], *args: str) -> subprocess.CompletedProcess[str]:

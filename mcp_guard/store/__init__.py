@@ -4,14 +4,18 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mcp_guard.errors import ConfigError
 from mcp_guard.store.base import Store
 
+if TYPE_CHECKING:
+    from mcp_guard.store.sqlite import Durability
+
 _SCHEME = re.compile(r"^(?P<scheme>[A-Za-z][A-Za-z0-9+.-]*)://(?P<rest>.*)$", re.S)
 
 
-def open_store(url: str) -> Store:
+def open_store(url: str, *, durability: Durability = "writes") -> Store:
     """The store named by `url` (`sqlite:///absolute/path.db` or a plain path), not yet opened."""
     from mcp_guard.store.sqlite import SqliteStore  # each engine's driver loads only when chosen
 
@@ -19,7 +23,7 @@ def open_store(url: str) -> Store:
     if match is None:
         if not url.strip():
             raise ConfigError("the audit store location is empty; give sqlite:///absolute/path.db or a path")
-        return SqliteStore(Path(url).expanduser().absolute())
+        return SqliteStore(Path(url).expanduser().absolute(), durability=durability)
     scheme = match["scheme"].lower()
     if scheme == "sqlite":
         path = Path(match["rest"])
@@ -27,7 +31,7 @@ def open_store(url: str) -> Store:
             raise ConfigError(
                 f"audit store sqlite://{match['rest']}: the path must be absolute (sqlite:///var/lib/audit.db)"
             )
-        return SqliteStore(path)
+        return SqliteStore(path, durability=durability)
     if scheme in ("postgresql", "postgres"):
         raise ConfigError("a PostgreSQL audit store is not supported yet; use sqlite:///absolute/path.db")
     # the URL itself is not repeated: it may carry a password

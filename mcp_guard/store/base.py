@@ -26,6 +26,7 @@ class EventType(StrEnum):
     SESSION_END = "session_end"
     REQUEST = "request"
     OUTCOME = "outcome"
+    AUTH_FAILURE = "auth_failure"
     APPROVAL_REQUESTED = "approval_requested"
     APPROVAL_VOTE = "approval_vote"
     APPROVAL_APPROVED = "approval_approved"
@@ -124,8 +125,9 @@ class Store(ABC):
         """Flush pending appends and close."""
 
     @abstractmethod
-    async def append(self, event: AuditEvent) -> None:
-        """Append and commit durably before returning; AuditError when it cannot."""
+    async def append(self, event: AuditEvent, *, durable: bool = False) -> None:
+        """Append and commit before returning; AuditError when it cannot. `durable` entries also
+        survive a power cut (the store syncs them to disk before returning)."""
 
     @abstractmethod
     async def query(self, flt: AuditFilter) -> list[AuditRecord]:

@@ -44,6 +44,9 @@ def canonical(event: AuditEvent) -> bytes:
         if not (isinstance(value, str) or (value is None and name not in _REQUIRED)):
             expected = "text" if name in _REQUIRED else "text or None"
             raise AuditError(f"audit event field {name} must be {expected}, not {type(value).__name__}")
+        # SQLite's JSON functions cut text at a NUL, and PostgreSQL text cannot hold one
+        if value is not None and "\x00" in value:
+            raise AuditError(f"audit event field {name} contains a NUL character, which cannot be indexed")
     try:
         text = json.dumps(fields, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
         return text.encode("utf-8")
@@ -65,7 +68,7 @@ def _find_unencodable(value: object, path: str, seen: set[int]) -> tuple[str, st
     if value is None or isinstance(value, bool | int | float):
         return None
     if not isinstance(value, dict | list | tuple):
-        return path, f"holds a {type(value).__name__}, which is not a JSON value"
+        return path, f"holds a value of type {type(value).__name__}, which is not JSON"
     if id(value) in seen:
         return path, "contains itself"
     seen.add(id(value))

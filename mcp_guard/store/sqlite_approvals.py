@@ -2,7 +2,9 @@
 
 They live on a connection of their own, opened on first use, so that a change of state and its
 audit entry commit in one `BEGIN IMMEDIATE` transaction: the append is the store's own one-statement
-chained insert, which links onto the head it reads under the same write lock. Compare-and-set is a
+chained insert, which links onto the head it reads under the same write lock. The connection syncs
+every commit (`synchronous=FULL`) unless the store's durability is "normal": a claim is the intent
+of a write, and the audit's promise is that intent is on disk before the write runs. Compare-and-set is a
 single `UPDATE ... WHERE state = ?` whose row count says who won, across threads and processes.
 
 Another process's decision is seen by polling `PRAGMA data_version` (it changes when any other
@@ -169,8 +171,14 @@ class SqliteApprovals:
         self._signal()
 
     async def _append(self, db: aiosqlite.Connection, event: AuditEvent) -> None:
+        """The store's chained insert, for one entry: its body, and its indexed fields beside it."""
         body = chain.canonical(event).decode()
-        await db.execute(self._append_sql, (json.dumps([body], ensure_ascii=False), chain.GENESIS))
+        fields = event.as_dict()
+        meta = [[fields[name] for name in chain.INDEXED]]
+        await db.execute(
+            self._append_sql,
+            (json.dumps([body], ensure_ascii=False), chain.GENESIS, json.dumps(meta, ensure_ascii=False)),
+        )
 
     # writes -------------------------------------------------------------------------------------
 

@@ -1,0 +1,298 @@
+"""Masking rules → which columns are masked for a caller, and each strategy as SQL per dialect.
+
+A column is masked by the first rule that matches it (by a column glob or by the semantic type its
+name says) and applies to the caller (the connection matches, the caller is in none of the rule's
+`except_groups`). Strategies never reveal more than their documented part:
+
+- `redact`  the fixed marker `[masked]`
+- `partial` a safe part, by semantic type: the domain of an email, the last 4 digits of a card or an
+  SSN, the last 2 of a phone, the country and last 4 of an IBAN, the first two octets of an IPv4
+  address, the first 4 characters of a long secret; anything else: the last 4 of 8 or more characters
+- `hash`    HMAC-SHA256 under the configured key, first 16 hex digits: equal values hash equal, so
+  joins and distinct counts still work, and the value cannot be recovered without the key
+- `null`    NULL
+
+NULL stays NULL under every strategy. On PostgreSQL each strategy is a SQL expression (the hash is
+HMAC built from the built-in `sha256()`, its padded key halves bound as parameters); on SQLite
+`partial` and `hash` are deterministic functions registered on the read connections.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import re
+import secrets
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from functools import lru_cache
+
+import sqlglot
+from sqlglot import exp
+
+from mcp_guard.backends.base import Relation, SqlFunction
+from mcp_guard.config import MaskingSettings, MaskRule, MaskStrategy, SemanticType
+from mcp_guard.errors import ConfigError
+
+MARKER = "[masked]"
+FUNCTION_PREFIX = "mcp_guard_"
+"""Names of the guard's own SQLite functions; a caller's SQL may never call one."""
+HASH_FUNCTION = "mcp_guard_hash"
+PARTIAL_FUNCTION = "mcp_guard_partial"
+HASH_DIGITS = 16
+
+_NAME_TYPES: tuple[tuple[SemanticType, str], ...] = (
+    ("email", r"e_?mail"),
+    ("phone", r"phone|mobile|cellphone|telephone|tel|fax|msisdn"),
+    ("ssn", r"ssn|social_security"),
+    ("national_id", r"national_id|nino|nin|passport|tax_id|tin|id_card"),
+    ("card", r"card_number|card_no|cc_number|ccn|credit_card|pan"),
+    ("iban", r"iban|bank_account|account_number"),
+    ("jwt", r"jwt|id_token"),
+    ("secret", r"secret|password|passwd|api_key|apikey|token|access_key|private_key|secret_key"),
+    ("ip", r"ip|ip_address|ip_addr|remote_addr"),
+)
+_SUFFIXES = r"(?:_(?:address|addr|number|num|no|value|text|hash))?"
+_TYPE_PATTERNS = tuple(
+    (kind, re.compile(rf"(?:[a-z0-9]+_)*(?:{pattern}){_SUFFIXES}")) for kind, pattern in _NAME_TYPES
+)
+
+
+def semantic_type(column: str) -> SemanticType | None:
+    """What a column's name says it holds: `contact_email` → email, `card_number` → card."""
+    name = column.lower()
+    for kind, pattern in _TYPE_PATTERNS:
+        if pattern.fullmatch(name):
+            return kind
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class ColumnMask:
+    """How one column is masked, and by which rule."""
+
+    strategy: MaskStrategy
+    rule: str
+    semantic_type: SemanticType | None = None
+
+
+def _glob_matches(glob: str, relation: Relation, column: str) -> bool:
+    parts = glob.lower().split(".")
+    names = [relation.schema.lower(), relation.name.lower(), column.lower()][-len(parts) :]
+    return all(fnmatchcase(name, part) for name, part in zip(names, parts, strict=True))
+
+
+def column_matches(globs: tuple[str, ...], relation: Relation, column: str) -> bool:
+    """Whether any of `column`, `table.column`, `schema.table.column` globs names this column."""
+    return any(_glob_matches(glob, relation, column) for glob in globs)
+
+
+class Masking:
+    """The masking rules with their key: who sees what masked, and the SQL of each mask."""
+
+    def __init__(self, settings: MaskingSettings, hash_key: bytes) -> None:
+        self.settings = settings
+        self._key = hash_key
+        block = hash_key if len(hash_key) <= 64 else hashlib.sha256(hash_key).digest()
+        block = block.ljust(64, b"\0")
+        self._inner = bytes(b ^ 0x36 for b in block)
+        self._outer = bytes(b ^ 0x5C for b in block)
+
+    @classmethod
+    def from_settings(cls, settings: MaskingSettings, source: str = "") -> Masking:
+        """The hash key comes from the environment; without one, a random key for this process."""
+        text = os.environ.get(settings.hash_key_env, "").strip()
+        if not text:
+            return cls(settings, secrets.token_bytes(32))
+        try:
+            return cls(settings, decode_key(text))
+        except ValueError as error:
+            raise ConfigError(
+                f"${settings.hash_key_env}: {error}", file=source or None, key="masking.hash_key_env"
+            ) from None
+
+    # who sees what ------------------------------------------------------------------------------
+
+    def rules_for(self, connection: str, groups: frozenset[str]) -> tuple[MaskRule, ...]:
+        """The rules that apply to this caller on this connection."""
+        return tuple(
+            rule
+            for rule in self.settings.rules
+            if (not rule.connections or any(fnmatchcase(connection, g) for g in rule.connections))
+            and not groups.intersection(rule.except_groups)
+        )
+
+    def table_masks(self, rules: tuple[MaskRule, ...], relation: Relation) -> dict[str, ColumnMask]:
+        """Masked columns of a table, by the first applying rule that matches each column."""
+        masks: dict[str, ColumnMask] = {}
+        for column, _ in relation.columns:
+            kind = semantic_type(column)
+            for rule in rules:
+                if column_matches(rule.columns, relation, column) or (
+                    kind is not None and kind in rule.types
+                ):
+                    typed = kind or (rule.types[0] if len(rule.types) == 1 else None)
+                    masks[column] = ColumnMask(rule.strategy, rule.name, typed)
+                    break
+        return masks
+
+    # the masks as SQL ---------------------------------------------------------------------------
+
+    def expression(
+        self, mask: ColumnMask, column: exp.Expression, dialect: str, key: tuple[int, int]
+    ) -> exp.Expression:
+        """The mask applied to `column`; `key` numbers the two HMAC key placeholders (PostgreSQL)."""
+        template = _template(mask.strategy, mask.semantic_type, dialect, key)
+        return template.transform(lambda node: column.copy() if _is_slot(node) else node, copy=True)
+
+    def key_params(self) -> list[str]:
+        """The HMAC key halves bound to PostgreSQL hash masks, as bytea text."""
+        return ["\\x" + self._inner.hex(), "\\x" + self._outer.hex()]
+
+    def sqlite_functions(self) -> list[SqlFunction]:
+        return [
+            SqlFunction(HASH_FUNCTION, 1, self.hash_value),
+            SqlFunction(PARTIAL_FUNCTION, 2, partial_value),
+        ]
+
+    def hash_value(self, value: object) -> str | None:
+        if value is None:
+            return None
+        return hmac.new(self._key, _text(value).encode(), hashlib.sha256).hexdigest()[:HASH_DIGITS]
+
+    def mask_value(self, mask: ColumnMask, value: object) -> object:
+        """The mask applied in Python: what the SQL gives for the same value (tests and `check`)."""
+        if value is None or mask.strategy == "null":
+            return None
+        if mask.strategy == "redact":
+            return MARKER
+        if mask.strategy == "hash":
+            return self.hash_value(value)
+        return partial_value(value, mask.semantic_type or "")
+
+
+def decode_key(text: str) -> bytes:
+    """A key given as 64 hex digits or as base64 of 32 bytes."""
+    text = text.strip()
+    try:
+        key = (
+            bytes.fromhex(text)
+            if re.fullmatch(r"[0-9a-fA-F]{64}", text)
+            else base64.b64decode(text, validate=True)
+        )
+    except (ValueError, binascii.Error):
+        raise ValueError("the key must be 32 bytes as 64 hex digits or as base64") from None
+    if len(key) != 32:
+        raise ValueError(f"the key must be 32 bytes (64 hex digits or base64); it is {len(key)} bytes")
+    return key
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bytes | bytearray | memoryview):
+        return "\\x" + bytes(value).hex()
+    return str(value)
+
+
+def _digits(text: str) -> str:
+    return re.sub(r"[^0-9]", "", text)
+
+
+_IPV4_START = re.compile(r"\d+\.\d+\.\d+\.\d+")
+
+
+def partial_value(value: object, kind: str) -> str | None:
+    """`partial` in Python, kept identical to the PostgreSQL templates below."""
+    if value is None:
+        return None
+    text = _text(value)
+    if kind == "email":
+        return "***@" + text.split("@")[1] if "@" in text else MARKER
+    if kind == "card":
+        digits = _digits(text)
+        return "**** " + digits[-4:] if len(digits) >= 12 else MARKER
+    if kind == "phone":
+        digits = _digits(text)
+        return "***" + digits[-2:] if len(digits) >= 7 else MARKER
+    if kind in ("ssn", "national_id"):
+        digits = _digits(text)
+        return "***-**-" + digits[-4:] if len(digits) >= 8 else MARKER
+    if kind == "iban":
+        compact = re.sub(r"[^0-9A-Za-z]", "", text).upper()
+        return compact[:2] + "** **** " + compact[-4:] if len(compact) >= 15 else MARKER
+    if kind == "ip":
+        if _IPV4_START.match(text):
+            first, second = text.split(".")[:2]
+            return f"{first}.{second}.x.x"
+        return MARKER
+    if kind in ("secret", "jwt"):
+        return text[:4] + "***" if len(text) >= 12 else MARKER
+    return "***" + text[-4:] if len(text) >= 8 else MARKER
+
+
+# PostgreSQL: {c} is the column, {t} the column as text, {d} its digits; the key halves are {ki}, {ko}.
+_PG_PARTIAL = {
+    "email": "CASE WHEN {c} IS NULL THEN NULL WHEN strpos({t}, '@') > 0 "
+    "THEN '***@' || split_part({t}, '@', 2) ELSE '{m}' END",
+    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 12 "
+    "THEN '**** ' || right({d}, 4) ELSE '{m}' END",
+    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 7 "
+    "THEN '***' || right({d}, 2) ELSE '{m}' END",
+    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 8 "
+    "THEN '***-**-' || right({d}, 4) ELSE '{m}' END",
+    "iban": "CASE WHEN {c} IS NULL THEN NULL WHEN length({x}) >= 15 "
+    "THEN left({x}, 2) || '** **** ' || right({x}, 4) ELSE '{m}' END",
+    "ip": "CASE WHEN {c} IS NULL THEN NULL WHEN {t} ~ '^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+' "
+    "THEN split_part({t}, '.', 1) || '.' || split_part({t}, '.', 2) || '.x.x' ELSE '{m}' END",
+    "secret": "CASE WHEN {c} IS NULL THEN NULL WHEN length({t}) >= 12 "
+    "THEN left({t}, 4) || '***' ELSE '{m}' END",
+    "": "CASE WHEN {c} IS NULL THEN NULL WHEN length({t}) >= 8 THEN '***' || right({t}, 4) ELSE '{m}' END",
+}
+_PG_PARTIAL["national_id"] = _PG_PARTIAL["ssn"]
+_PG_PARTIAL["jwt"] = _PG_PARTIAL["secret"]
+
+_PG_HASH = (
+    "CASE WHEN {c} IS NULL THEN NULL ELSE left(encode(sha256({ko} || sha256({ki} || "
+    "convert_to({t}, 'UTF8'))), 'hex'), " + str(HASH_DIGITS) + ") END"
+)
+_REDACT = "CASE WHEN {c} IS NULL THEN NULL ELSE '{m}' END"
+_SLOT = "mcp_guard_slot"
+
+
+def _is_slot(node: exp.Expression) -> bool:
+    return isinstance(node, exp.Column) and node.name == _SLOT and not node.table
+
+
+@lru_cache(maxsize=256)
+def _template(
+    strategy: MaskStrategy, kind: SemanticType | None, dialect: str, key: tuple[int, int]
+) -> exp.Expression:
+    """A mask as a parsed expression over the placeholder column `mcp_guard_slot`."""
+    slot = _SLOT
+    if dialect == "postgres":
+        parts = {
+            "c": slot,
+            "t": f"CAST({slot} AS TEXT)",
+            "d": f"regexp_replace(CAST({slot} AS TEXT), '[^0-9]', '', 'g')",
+            "x": f"upper(regexp_replace(CAST({slot} AS TEXT), '[^0-9A-Za-z]', '', 'g'))",
+            "m": MARKER,
+            "ki": f"CAST(${key[0]} AS BYTEA)",
+            "ko": f"CAST(${key[1]} AS BYTEA)",
+        }
+        text = {
+            "redact": _REDACT,
+            "null": "CAST(NULL AS TEXT)",
+            "hash": _PG_HASH,
+            "partial": _PG_PARTIAL[kind or ""],
+        }[strategy]
+    else:
+        parts = {"c": slot, "m": MARKER}
+        text = {
+            "redact": _REDACT,
+            "null": "NULL",
+            "hash": f"{HASH_FUNCTION}({{c}})",
+            "partial": f"{PARTIAL_FUNCTION}({{c}}, '{kind or ''}')",
+        }[strategy]
+    return sqlglot.parse_one(text.format(**parts), read=dialect)

@@ -1,0 +1,195 @@
+"""Masked sources: every reference to a relation with masked columns becomes a derived table.
+
+`FROM customers c` becomes `FROM (SELECT id, name, <mask of email> AS email, ... FROM customers) AS c`,
+so everything downstream (projections, functions, aggregates, CTEs, subqueries, LATERAL, set
+operations, `SELECT *`, whole-row references, WHERE and ORDER BY, error texts) sees only masked
+values. PostgreSQL flattens such a derived table: a point query keeps its index scan.
+
+A view is masked the same way, by its output columns: which of them carry masked data is read from
+its definition with column lineage (see docs/architecture.md for why views are wrapped, not inlined).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import sqlglot
+from sqlglot import exp
+from sqlglot.errors import SqlglotError
+
+from mcp_guard.backends.base import Relation
+from mcp_guard.catalog import Catalog
+from mcp_guard.classify import Statement, StatementKind, classify, refers_to_cte
+from mcp_guard.config import MaskRule
+from mcp_guard.errors import PolicyDenied
+from mcp_guard.lineage import ColumnLineage, Source, lineage
+from mcp_guard.masking import ColumnMask, Masking
+
+MASKING_RULE = "builtin:masking"
+VIEW_RULE = "builtin:view-lineage"
+
+
+class MaskPlan:
+    """What one caller sees masked on one connection: per relation, its masked columns."""
+
+    def __init__(
+        self,
+        masking: Masking,
+        rules: tuple[MaskRule, ...],
+        catalog: Catalog,
+        governing: tuple[MaskRule, ...] = (),
+    ) -> None:
+        self.masking = masking
+        self.rules = rules
+        self.catalog = catalog
+        self.governing = governing
+        """Every rule of the connection, the caller's exceptions included."""
+        self._masks: dict[tuple[str, str], dict[str, ColumnMask]] = {}
+        self._busy: set[tuple[str, str]] = set()
+
+    @property
+    def active(self) -> bool:
+        return bool(self.rules)
+
+    def masks(self, relation: Relation) -> dict[str, ColumnMask]:
+        key = (relation.schema, relation.name)
+        cached = self._masks.get(key)
+        if cached is not None:
+            return cached
+        if not self.rules:
+            masks: dict[str, ColumnMask] = {}
+        elif relation.kind == "view" and not relation.system:
+            if key in self._busy:  # a view that reads itself cannot be resolved: mask it all
+                return _everything(relation, "a view defined through itself")
+            self._busy.add(key)
+            try:
+                masks = self._view_masks(relation)
+            finally:
+                self._busy.discard(key)
+        else:
+            masks = self.masking.table_masks(self.rules, relation)
+        self._masks[key] = masks
+        return masks
+
+    def governed(self, source: Source) -> bool:
+        """Whether some rule names this table column, even one that lets this caller see it clear."""
+        return source.column in self.masking.table_masks(self.governing, source.relation)
+
+    def source_mask(self, source: Source) -> ColumnMask | None:
+        return self.masks(source.relation).get(source.column)
+
+    def output_mask(self, output: ColumnLineage) -> ColumnMask | None:
+        """The mask an output column carries: its source's when passed through, else `derived`."""
+        if output.unresolved:
+            return ColumnMask("redact", "builtin:unresolved-lineage")
+        if output.direct is not None:
+            direct = self.source_mask(output.direct)
+            if direct is not None:
+                return direct
+        for source in sorted(output.sources, key=str):
+            mask = self.source_mask(source)
+            if mask is not None:
+                return ColumnMask("redact", mask.rule)
+        return None
+
+    def _view_masks(self, relation: Relation) -> dict[str, ColumnMask]:
+        tree = _view_tree(relation, self.catalog.dialect)
+        outputs = lineage(tree, self.catalog) if tree is not None else None
+        if outputs is None or len(outputs) != len(relation.columns):
+            return _everything(relation, "its definition cannot be analysed")
+        masks = {}
+        for (column, _), output in zip(relation.columns, outputs, strict=True):
+            mask = self.output_mask(output)
+            if mask is not None:
+                kind = mask.semantic_type if output.direct is not None else None
+                masks[column] = ColumnMask(mask.strategy, mask.rule, kind)
+        return masks
+
+
+def _everything(relation: Relation, why: str) -> dict[str, ColumnMask]:
+    return {column: ColumnMask("redact", f"{VIEW_RULE} ({why})") for column, _ in relation.columns}
+
+
+def _view_tree(relation: Relation, dialect: str) -> exp.Expression | None:
+    if not relation.definition:
+        return None
+    try:
+        tree = sqlglot.parse_one(relation.definition.strip().rstrip(";"), read=dialect)
+    except (SqlglotError, RecursionError):
+        return None
+    if isinstance(tree, exp.Create):
+        tree = tree.expression
+    return tree if isinstance(tree, exp.Query) else None
+
+
+@dataclass(frozen=True, slots=True)
+class Rewritten:
+    """A read with its masked sources, ready to run."""
+
+    sql: str
+    bound: tuple[str, ...] = field(repr=False)
+    """Parameters to bind after the caller's (the HMAC key halves on PostgreSQL)."""
+    relations: tuple[str, ...] = ()
+    """Relations that were replaced by masked derived tables."""
+
+
+def rewrite(statement: Statement, plan: MaskPlan, param_count: int) -> Rewritten | None:
+    """The statement with masked sources; None when it reads no masked relation (it runs as written)."""
+    dialect = plan.catalog.dialect
+    if statement.tree is None:
+        return None
+    work = statement.tree.copy()
+    key = (param_count + 1, param_count + 2)
+    replaced: list[str] = []
+    uses_key = False
+    for table in list(work.find_all(exp.Table)):
+        if not isinstance(table.this, exp.Identifier) or refers_to_cte(table, dialect):
+            continue
+        relation = plan.catalog.resolve(table)
+        if relation is None:
+            raise PolicyDenied(f"table {table.sql(dialect)} is not known to masking", rule=MASKING_RULE)
+        masks = plan.masks(relation)
+        if not masks:
+            continue
+        projections: list[exp.Expression] = []
+        for column, _ in relation.columns:
+            reference = exp.column(column, quoted=True)
+            mask = masks.get(column)
+            if mask is None:
+                projections.append(reference)
+                continue
+            uses_key = uses_key or (mask.strategy == "hash" and dialect == "postgres")
+            projections.append(
+                exp.alias_(plan.masking.expression(mask, reference, dialect, key), column, quoted=True)
+            )
+        inner = table.copy()
+        inner.set("alias", None)
+        alias = table.args.get("alias")
+        if alias is None:
+            alias = exp.TableAlias(this=table.this.copy())
+        derived = exp.Subquery(this=exp.Select(expressions=projections).from_(inner), alias=alias.copy())
+        table.replace(derived)
+        replaced.append(relation.qualified_name)
+    if not replaced:
+        return None
+    sql = work.sql(dialect)
+    _check_regenerated(statement, sql, dialect)
+    return Rewritten(
+        sql, tuple(plan.masking.key_params()) if uses_key else (), tuple(dict.fromkeys(replaced))
+    )
+
+
+def _check_regenerated(original: Statement, sql: str, dialect: str) -> None:
+    """Fail closed on a generator bug: the SQL regenerated by sqlglot must still be one READ of the
+    same tables, with no risk the original did not carry."""
+    after = classify(sql, dialect).statements
+    if (
+        len(after) != 1
+        or after[0].kind is not StatementKind.READ
+        or set(after[0].tables) != set(original.tables)
+        or not after[0].flags <= original.flags
+    ):
+        raise PolicyDenied(
+            "the masked form of this statement did not classify as the same single read; refused",
+            rule=MASKING_RULE,
+        )

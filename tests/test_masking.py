@@ -1,0 +1,323 @@
+"""Masking end to end: unmasked reads unchanged, writes that read masked data refused, notes, the
+audit's sealed originals, the index scan kept, and the analysis units that fail closed."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import subprocess
+import sys
+
+import asyncpg
+import pytest
+import sqlglot
+
+from mcp_guard.backends.base import DbSchema, Relation
+from mcp_guard.catalog import Catalog
+from mcp_guard.classify import classify
+from mcp_guard.config import ALL_DETECTORS, DEMO_MASKING
+from mcp_guard.demo.data import shop_rows
+from mcp_guard.detectors import Detectors
+from mcp_guard.lineage import lineage
+from mcp_guard.masking import ColumnMask, Masking, partial_value, semantic_type
+from mcp_guard.rewrite import MaskPlan, rewrite
+from mcp_guard.seal import SealError, seal, unseal
+from tests.client import guard_client
+from tests.conftest import write_config
+from tests.test_masking_bypass import KEY, MASKING
+
+AUDIT_KEY = "22" * 32
+UNMASKED_READS = [
+    "SELECT count(*) FROM customers",
+    "SELECT id, name, created_at FROM customers ORDER BY id",
+    "SELECT c.id, o.id, o.total FROM customers c JOIN orders o ON o.customer_id = c.id ORDER BY o.id",
+    "SELECT status, count(*) AS n FROM orders GROUP BY status ORDER BY status",
+    "SELECT k.id, k.label FROM api_keys k JOIN customers c ON c.id = k.customer_id ORDER BY k.id",
+    "SELECT count(DISTINCT ssn) AS people FROM customers",
+]
+
+
+def shop_catalog() -> Catalog:
+    relations = (
+        Relation(
+            "public",
+            "customers",
+            "table",
+            tuple((c, "text") for c in ("id", "name", "email", "ssn", "profile")),
+        ),
+        Relation("public", "orders", "table", (("id", "int"), ("customer_id", "int"), ("total", "numeric"))),
+    )
+    return Catalog(DbSchema(relations, ("pg_catalog", "public"), True), "postgres")
+
+
+def outputs(sql: str):
+    return lineage(sqlglot.parse_one(sql, "postgres"), shop_catalog())
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT row_to_json(u) FROM customers u",
+        "SELECT to_jsonb(u.*) FROM customers u",
+        "SELECT u FROM customers u",
+        "SELECT json_agg(u) FROM customers u",
+    ],
+)
+def test_whole_row_references_carry_every_column(sql):
+    (only,) = outputs(sql)
+    assert {s.column for s in only.sources} == {"id", "name", "email", "ssn", "profile"}
+
+
+def test_a_table_function_carries_its_arguments():
+    (key, value) = outputs(
+        "SELECT j.key, j.value FROM customers u, LATERAL jsonb_each_text(u.profile::jsonb) j"
+    )
+    assert {s.column for s in value.sources} == {"profile"} and {s.column for s in key.sources} == {"profile"}
+
+
+def test_what_lineage_cannot_resolve_counts_as_masked():
+    assert outputs("SELECT * FROM nowhere") is None
+    (unknown,) = outputs("SELECT nosuch FROM customers")
+    assert unknown.unresolved
+    plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
+    assert plan.output_mask(unknown) is not None
+
+
+def test_a_rename_keeps_the_direct_source():
+    (renamed,) = outputs("SELECT e AS x FROM (SELECT email AS e FROM customers) s")
+    assert str(renamed.direct) == "public.customers.email"
+
+
+def test_the_rewrite_wraps_only_relations_with_masked_columns():
+    plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
+    statement = classify(
+        "SELECT c.email, o.total FROM customers c JOIN orders o ON o.customer_id = c.id", "postgres"
+    )
+    done = rewrite(statement.statements[0], plan, 0)
+    assert done is not None and done.relations == ("public.customers",)
+    assert "JOIN orders AS o" in done.sql and ") AS c" in done.sql
+    assert len(done.bound) == 2 and "$1" in done.sql  # the ssn hash binds the key halves
+    assert done.bound[0] not in repr(done)
+
+
+def test_semantic_types_come_from_column_names():
+    assert semantic_type("contact_email") == "email" and semantic_type("card_number") == "card"
+    assert (
+        semantic_type("ssn") == "ssn" and semantic_type("id_token") == "jwt" and semantic_type("name") is None
+    )
+
+
+def test_partial_masks_keep_only_the_safe_part():
+    assert partial_value("ada@example.com", "email") == "***@example.com"
+    assert partial_value("4111 1111 1111 1234", "card") == "**** 1234"
+    assert partial_value("123-45-6789", "ssn") == "***-**-6789"
+    assert partial_value("short", "") == "[masked]"
+
+
+def test_detectors_validate_before_replacing():
+    detectors = Detectors(ALL_DETECTORS)
+    assert detectors.replace("card 4111 1111 1111 1111 ok")[0] == "card [masked:card] ok"
+    assert detectors.replace("order 4111 1111 1111 1112")[1] == ()  # fails Luhn
+    assert detectors.replace("ssn 000-12-3456")[1] == ()  # no SSN starts with 000
+    assert detectors.replace("mail ada@example.com now")[0] == "mail [masked:email] now"
+    rows = [["a", {"ada@example.com": ["call +1-202-555-0143"]}]]
+    found = detectors.scan(rows, [1])
+    assert rows[0][1] == {"[masked:email]": ["call [masked:phone]"]} and found[0].kinds == ("email", "phone")
+
+
+def test_sealed_originals_open_only_with_the_key_and_untouched():
+    key, other = bytes(range(32)), bytes(32)
+    record = seal(key, "call-1", [{"columns": ["ssn"], "rows": [["123-45-6789"]]}])
+    assert "123-45-6789" not in json.dumps(record)
+    assert unseal(key, "call-1", record) == [{"columns": ["ssn"], "rows": [["123-45-6789"]]}]
+    with pytest.raises(SealError, match="another key"):
+        unseal(other, "call-1", record)
+    with pytest.raises(SealError, match="changed"):
+        unseal(key, "call-2", record)  # moved to another call
+    blob = bytearray(record["sealed"].encode())
+    blob[20] = ord("A") if blob[20] != ord("A") else ord("B")
+    with pytest.raises(SealError, match="changed"):
+        unseal(key, "call-1", {**record, "sealed": blob.decode()})
+
+
+def _config(tmp_path, shop, extra=""):
+    return write_config(tmp_path, f'[connections.shop]\nurl = "sqlite:///{shop}"\n{MASKING}{extra}')
+
+
+async def test_reads_where_nothing_sensitive_flows_return_the_same_rows(tmp_path, sqlite_shop, pg_shop_url):
+    for url, body, env in (
+        (sqlite_shop, f'[connections.db]\nurl = "sqlite:///{sqlite_shop}"\n', {}),
+        (pg_shop_url, '[connections.db]\nurl_env = "DB_URL"\n', {"DB_URL": pg_shop_url}),
+    ):
+        plain = write_config(tmp_path, body)
+        async with guard_client(plain, tmp_path, **env) as client:
+            expected = [
+                (await client.call("query", sql=sql)).structured["rows"] for sql in UNMASKED_READS[:-1]
+            ]
+        masked = write_config(tmp_path, body + MASKING)
+        async with guard_client(masked, tmp_path, TEST_MASK_KEY=KEY, **env) as client:
+            got = [await client.call("query", sql=sql) for sql in UNMASKED_READS]
+        assert [r.structured["rows"] for r in got[:-1]] == expected, url
+        assert all(not r.structured["masked_columns"] for r in got[:-1])
+        assert got[-1].structured["rows"] == [[60]]  # distinct counts survive the keyed hash
+
+
+async def test_a_guess_in_where_compares_against_masked_values(tmp_path, sqlite_shop):
+    ssn = shop_rows()["customers"][0][4]
+    async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
+        reply = await client.call("query", sql="SELECT count(*) FROM customers WHERE ssn = ?", params=[ssn])
+    assert reply.structured["rows"] == [[0]]
+
+
+async def test_results_and_describe_table_say_which_columns_are_masked(tmp_path, sqlite_shop):
+    async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
+        reply = await client.call("query", sql="SELECT id, upper(email) AS e, ssn, notes FROM customers")
+        described = await client.call("describe_table", table="customers")
+    columns = {c["name"]: c for c in reply.structured["columns"]}
+    assert columns["e"]["masked"] == "derived" and columns["ssn"]["masked"] == "hash"
+    assert columns["id"]["masked"] is None and "email" in columns["notes"]["detected"]
+    assert "masked: e (derived), ssn (hash), notes (detected:" in reply.text
+    marks = {c["name"]: c["masked"] for c in described.structured["columns"]}
+    assert marks["email"] == "partial" and marks["ssn"] == "hash" and marks["name"] is None
+
+
+async def test_a_pii_reader_sees_clear_values(tmp_path, sqlite_shop):
+    config = write_config(
+        tmp_path,
+        f'[identity]\ngroups = ["pii-readers"]\n[connections.shop]\nurl = "sqlite:///{sqlite_shop}"\n'
+        + MASKING.replace('strategy = "hash"', 'strategy = "hash"\nexcept_groups = ["pii-readers"]'),
+    )
+    async with guard_client(config, tmp_path, TEST_MASK_KEY=KEY) as client:
+        reply = await client.call("query", sql="SELECT ssn, email FROM customers WHERE id = 1")
+    ssn, email = reply.structured["rows"][0]
+    assert ssn == shop_rows()["customers"][0][4] and email.startswith("***@")
+
+
+async def test_writes_that_read_masked_columns_are_refused(tmp_path, sqlite_shop):
+    async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
+        copy = await client.call(
+            "execute",
+            sql="UPDATE orders SET status = (SELECT ssn FROM customers WHERE id = 1) WHERE id = 1",
+            reason="t",
+        )
+        oracle = await client.call(
+            "execute", sql="UPDATE customers SET name = name WHERE ssn LIKE '1%'", reason="t"
+        )
+        returning = await client.call(
+            "execute", sql="UPDATE customers SET name = 'x' WHERE id = 1 RETURNING *", reason="t"
+        )
+        fine = await client.call(
+            "execute", sql="UPDATE customers SET email = 'new@example.com' WHERE id = 2", reason="t"
+        )
+    assert copy.is_error and "masked column" in copy.text
+    assert oracle.is_error and "ssn" in oracle.text
+    assert returning.is_error and "whole rows" in returning.text
+    assert not fine.is_error, fine.text
+    assert (
+        sqlite3.connect(sqlite_shop).execute("SELECT name FROM customers WHERE id = 1").fetchone()[0] != "x"
+    )
+
+
+async def test_the_audit_keeps_sealed_originals_that_unseal_with_the_key(tmp_path, sqlite_shop):
+    extra = 'originals = "sealed"\n'
+    config = _config(tmp_path, sqlite_shop).read_text().replace("[masking]\n", "[masking]\n" + extra)
+    path = tmp_path / "sealed.toml"
+    path.write_text(config)
+    ssn = shop_rows()["customers"][0][4]
+    async with guard_client(path, tmp_path, TEST_MASK_KEY=KEY, MCP_GUARD_AUDIT_KEY=AUDIT_KEY) as client:
+        reply = await client.call(
+            "query", sql="SELECT id, ssn, notes FROM customers WHERE id <= 3 ORDER BY id"
+        )
+    call_id = reply.structured["call_id"]
+    audit = (tmp_path / "audit.db").read_bytes()
+    assert ssn.encode() not in audit and AUDIT_KEY.encode() not in audit and KEY.encode() not in audit
+    store = f"sqlite:///{tmp_path / 'audit.db'}"
+    command = [sys.executable, "-m", "mcp_guard", "audit", "unseal", call_id, "--store", store, "--json"]
+    opened = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"MCP_GUARD_AUDIT_KEY": AUDIT_KEY, "PATH": ""},
+    )
+    assert opened.returncode == 0, opened.stderr
+    statements = json.loads(opened.stdout)
+    assert statements[0]["columns"] == ["ssn"] and statements[0]["rows"][0] == [ssn]
+    wrong = subprocess.run(
+        command, capture_output=True, text=True, timeout=60, env={"MCP_GUARD_AUDIT_KEY": "33" * 32}
+    )
+    assert wrong.returncode == 1 and "another key" in wrong.stderr and ssn not in wrong.stdout
+
+
+def test_sealed_originals_without_a_key_stop_the_server_at_start(tmp_path, sqlite_shop):
+    path = _config(tmp_path, sqlite_shop, "")
+    path.write_text(path.read_text().replace("[masking]\n", '[masking]\noriginals = "sealed"\n'))
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "serve", "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        stdin=subprocess.DEVNULL,
+        env={"PATH": "", "MCP_GUARD_HOME": str(tmp_path)},
+    )
+    assert done.returncode == 2 and "masking.originals_key_env" in done.stderr
+
+
+async def test_postgres_keeps_the_index_scan_of_a_point_query(pg_shop_url):
+    from mcp_guard.backends.postgres import PostgresBackend
+
+    backend = PostgresBackend(pg_shop_url, pool_size=1)
+    await backend.open()
+    try:
+        catalog = Catalog(await backend.schema(), "postgres")
+    finally:
+        await backend.close()
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    plan = MaskPlan(masking, DEMO_MASKING.rules, catalog)
+    statement = classify("SELECT name, email, ssn FROM customers WHERE id = $1", "postgres").statements[0]
+    done = rewrite(statement, plan, 1)
+    assert done is not None and len(done.bound) == 2
+    conn = await asyncpg.connect(pg_shop_url)
+    try:
+        await conn.execute("SET enable_seqscan = off")  # 60 rows: make the planner's choice visible
+        plan_text = "\n".join(
+            r[0]
+            for r in await conn.fetch(f"EXPLAIN {done.sql}", 7, *(bytes.fromhex(k[2:]) for k in done.bound))
+        )
+        row = await conn.fetchrow(done.sql, 7, *(bytes.fromhex(k[2:]) for k in done.bound))
+    finally:
+        await conn.close()
+    assert "Index Scan using customers_pkey" in plan_text and "Subquery Scan" not in plan_text
+    assert row["ssn"] == masking.hash_value(shop_rows()["customers"][6][4])  # PostgreSQL's HMAC is Python's
+
+
+def test_masks_agree_between_python_and_their_sql(tmp_path):
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    assert masking.mask_value(ColumnMask("hash", "r"), "x") == masking.hash_value("x")
+    assert masking.mask_value(ColumnMask("redact", "r"), "x") == "[masked]"
+
+
+def test_check_shows_the_masked_sql_and_each_columns_lineage(tmp_path, sqlite_shop):
+    config = _config(tmp_path, sqlite_shop)
+    sql = "SELECT upper(c.email) AS e, c.name FROM customers c"
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "check", sql, "--config", str(config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TEST_MASK_KEY": KEY, "PATH": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    (entry,) = json.loads(done.stdout)["masking"]
+    assert "MCP_GUARD_PARTIAL" in entry["rewritten"]
+    columns = {c["name"]: c for c in entry["columns"]}
+    assert columns["e"]["strategy"] == "derived" and columns["e"]["sources"] == ["main.customers.email"]
+    assert columns["name"]["masked"] is False
+    refused = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "check", "SELECT * FROM sqlite_stat1", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TEST_MASK_KEY": KEY, "PATH": ""},
+    )
+    assert refused.returncode == 1 and "masking refuses" in refused.stdout
