@@ -449,3 +449,23 @@ async def test_query_refuses_a_read_a_rule_holds_for_approval(tmp_path, sqlite_s
     assert read.is_error and "rule 'payments-need-a-reviewer' holds this" in read.text
     assert "only `execute` can wait for one" in read.text and "rows" not in (read.structured or {})
     assert other.structured["rows"] == [[240]]
+
+
+async def test_a_held_write_that_reads_masked_data_is_refused_before_any_reviewer_is_asked(
+    tmp_path, sqlite_shop
+):
+    policy = (
+        '[[policy.rules]]\nname = "hold-writes"\naction = "approve"\nkinds = ["write"]\n'
+        'approvers = ["reviewers"]\n\n'
+        '[[masking.rules]]\nname = "contact"\ncolumns = ["*.email"]\nstrategy = "partial"\n'
+    )
+    config = approval_config(tmp_path, sqlite_connection(sqlite_shop), policy=policy, wait=0.2)
+    async with guard_client(config, tmp_path) as client, desk(config) as reviewers:
+        copied = await client.call(
+            "execute", sql="UPDATE customers SET notes = email WHERE id = 1", reason="keep a copy"
+        )
+        plain = await client.call("execute", sql="UPDATE orders SET status = 'x' WHERE id = 1", reason="fix")
+        requests = await reviewers.store.list_approvals()
+    assert copied.is_error and "masking" in copied.text
+    assert plain.structured["state"] == "pending"
+    assert [r.statements for r in requests] == [("UPDATE orders SET status = 'x' WHERE id = 1",)]
