@@ -101,7 +101,10 @@ async def bench_guard(url: str, n: int) -> None:
     settings = Settings.model_validate(
         {
             "connections": {"pg": ConnectionSettings(url_env="BENCH_PG_URL")},
-            "audit": {"url": f"sqlite:///{home / 'audit.db'}"},
+            "audit": {
+                "url": f"sqlite:///{home / 'audit.db'}",
+                "signing_key_file": str(home / "audit-signing.key"),  # not in the user's data dir
+            },
         }
     )
     guard = await Guard.start(build_config(settings, "(bench)"))

@@ -10,6 +10,7 @@ import asyncio
 import getpass
 import json
 import logging
+import os
 import sys
 import uuid
 from collections.abc import AsyncIterator, Sequence
@@ -84,21 +85,26 @@ def cmd_serve(args: argparse.Namespace) -> int:
         guard = await Guard.start(config)
         verifier = OidcVerifier(identity) if identity.mode == "oidc" else None
         try:
+            signalled = False
             if verifier is None:
                 local = local_identity(identity.groups)
 
                 async def caller() -> Identity:
                     return local
 
-                await serve_stdio(guard, caller)
+                signalled = await serve_stdio(guard, caller)
             elif source is not None:
-                await serve_stdio(guard, StdioCaller(verifier, source))
+                signalled = await serve_stdio(guard, StdioCaller(verifier, source))
             else:
                 await serve_http(guard, verifier, args.transport, args.host, args.port)
         finally:
             if verifier is not None:
                 await verifier.aclose()
             await guard.close()
+        if signalled:
+            # The session's end is recorded and the audit closed. The transport's stdin reader is a
+            # thread blocked in read(), which nothing can interrupt: leave instead of waiting for input.
+            os._exit(EXIT_OK)
 
     asyncio.run(run())
     return EXIT_OK
@@ -294,182 +300,6 @@ def _print_masking(console: Console, index: int, entry: dict[str, Any]) -> None:
     console.print(table)
 
 
-# audit ------------------------------------------------------------------------------------------
-
-
-def _store_for(args: argparse.Namespace) -> Any:
-    from mcp_guard.store import open_store
-
-    if args.store:
-        return open_store(args.store)
-    return open_store(_config(args).audit_url)
-
-
-async def _calls(args: argparse.Namespace) -> list[dict[str, Any]]:
-    from mcp_guard.store.base import AuditFilter
-
-    store = _store_for(args)
-    await store.open()
-    try:
-        records = await store.query(
-            AuditFilter(
-                session_id=args.session,
-                identity=args.identity,
-                tool=args.tool,
-                since=args.since,
-                until=args.until,
-            )
-        )
-    finally:
-        await store.close()
-    calls: dict[str, dict[str, Any]] = {}
-    for record in records:
-        event = record.event
-        if event.call_id is None:
-            continue
-        call = calls.setdefault(event.call_id, {"call_id": event.call_id, "request": None, "outcome": None})
-        entry = {"seq": record.seq, **event.as_dict()}
-        if str(event.type).startswith("approval_"):  # a held call's steps, by whoever took them
-            call.setdefault("approval", []).append(entry)
-        else:
-            call["request" if event.type == "request" else "outcome"] = entry
-    rows = [c for c in calls.values() if c["request"] is not None]
-    if args.decision:
-        rows = [c for c in rows if (c["outcome"] or {}).get("decision") == args.decision]
-    return rows[-args.limit :] if args.limit else rows
-
-
-def _one_line(text: str, width: int) -> str:
-    flat = " ".join(text.split())
-    return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-_STEP_WORDS = {
-    "approval_requested": "held",
-    "approval_approved": "approved",
-    "approval_denied": "denied",
-    "approval_expired": "expired",
-    "approval_executed": "ran",
-}
-
-
-def cmd_audit_list(args: argparse.Namespace) -> int:
-    calls = asyncio.run(_calls(args))
-    if args.json:
-        print(json.dumps(calls, indent=2, ensure_ascii=False))
-        return EXIT_OK
-    identities = sorted({call["request"]["identity"] for call in calls})
-    title = f"{len(calls)} call(s)" + (f" by {identities[0]}" if len(identities) == 1 else "")
-    table = Table(title=escape(title), title_justify="left", expand=False)
-    table.add_column("seq", justify="right", no_wrap=True)
-    table.add_column("UTC", no_wrap=True)
-    if len(identities) > 1:
-        table.add_column("identity", no_wrap=True)
-    table.add_column("tool", no_wrap=True)
-    table.add_column("decision (rule)", overflow="fold")
-    table.add_column("sql / reason", ratio=1)
-    for call in calls:
-        request, outcome = call["request"], call["outcome"] or {}
-        detail = outcome.get("detail", {})
-        arguments = request["detail"].get("arguments", {})
-        what = escape(_one_line(str(arguments.get("sql") or arguments.get("table") or ""), 72))
-        if arguments.get("reason"):
-            what += f"\n[dim]reason: {escape(_one_line(str(arguments['reason']), 64))}[/]"
-        connection = outcome.get("connection") or request.get("connection")
-        tool = request["tool"] + (f" [dim]@{escape(connection)}[/]" if connection else "")
-        if not outcome:
-            verdict = "[yellow]no outcome recorded[/]"
-        else:
-            decision = outcome.get("decision") or detail.get("status", "")
-            colour = {"allow": "green", "deny": "red", "approve": "cyan"}.get(decision, "yellow")
-            rule = detail.get("decision", {}).get("rule")
-            verdict = f"[{colour}]{escape(decision)}[/]" + (f" [dim]({escape(rule)})[/]" if rule else "")
-            if detail.get("status") == "error":
-                verdict += " [yellow]error[/]"
-        approval = call.get("approval", [])
-        steps = [_STEP_WORDS.get(step["type"], "") for step in approval]
-        if steps:
-            voters = {step["identity"] for step in approval if step["type"] == "approval_vote"}
-            verdict += f"\n[dim]{' → '.join(s for s in steps if s)}"
-            verdict += f" ({escape(', '.join(sorted(voters)))})[/]" if voters else "[/]"
-        who = [request["identity"]] if len(identities) > 1 else []
-        table.add_row(str(request["seq"]), request["ts"][5:19].replace("T", " "), *who, tool, verdict, what)
-    Console().print(table)
-    return EXIT_OK
-
-
-def cmd_audit_verify(args: argparse.Namespace) -> int:
-    async def run() -> Any:
-        store = _store_for(args)
-        await store.open()
-        try:
-            return await store.verify()
-        finally:
-            await store.close()
-
-    report = asyncio.run(run())
-    if args.json:
-        print(
-            json.dumps(
-                {
-                    "ok": report.ok,
-                    "entries": report.entries,
-                    "head_hash": report.head_hash,
-                    "first_bad_seq": report.first_bad_seq,
-                    "problem": report.problem,
-                },
-                indent=2,
-            )
-        )
-    elif report.ok:
-        print(f"audit chain intact: {report.entries} entries, head {report.head_hash}")
-    else:
-        print(f"audit chain BROKEN: {report.problem}")
-    return EXIT_OK if report.ok else EXIT_FAILED
-
-
-def cmd_audit_unseal(args: argparse.Namespace) -> int:
-    """The originals of one call's masked values, opened with the audit key from the environment."""
-    from mcp_guard.seal import load_key, unseal
-    from mcp_guard.store.base import AuditFilter, EventType
-
-    async def run() -> Any:
-        store = _store_for(args)
-        await store.open()
-        try:
-            return await store.query(AuditFilter(call_id=args.call_id, type=EventType.OUTCOME))
-        finally:
-            await store.close()
-
-    records = asyncio.run(run())
-    if not records:
-        raise UsageError(f"no outcome recorded for call {args.call_id}")
-    originals = records[-1].event.detail.get("masking", {}).get("originals")
-    if not originals:
-        raise UsageError(
-            f"call {args.call_id} kept no originals (masking.originals was none, or nothing was masked)"
-        )
-    if originals.get("mode") != "sealed":
-        raise UsageError(f"call {args.call_id} kept keyed digests only: they can be checked, not opened")
-    opened = unseal(load_key(args.key_env), args.call_id, originals)
-    if args.json:
-        print(json.dumps(opened, indent=2, ensure_ascii=False))
-        return EXIT_OK
-    console = Console()
-    for number, statement in enumerate(opened, 1):
-        table = Table(title=f"statement {number}: originals of masked columns", title_justify="left")
-        for column in statement["columns"]:
-            table.add_column(escape(column))
-        for row in statement["rows"]:
-            table.add_row(*(escape(json.dumps(value, ensure_ascii=False)) for value in row))
-        if statement["columns"]:
-            console.print(table)
-        for row, column, original in statement["detected"]:
-            shown = escape(json.dumps(original, ensure_ascii=False))
-            console.print(f"row {row + 1}, {escape(column)}: {shown}")
-    return EXIT_OK
-
-
 # approvals --------------------------------------------------------------------------------------
 
 
@@ -527,8 +357,8 @@ def cmd_pending(args: argparse.Namespace) -> int:
             describe.kind(request),
             describe.estimate(request),
             "; ".join(r.describe() for r in request.requirements),
-            escape(_one_line(describe.sql(request), 72))
-            + f"\n[dim]reason: {escape(_one_line(describe.visible(request.reason), 64))}[/]",
+            escape(describe.one_line(describe.sql(request), 72))
+            + f"\n[dim]reason: {escape(describe.one_line(describe.visible(request.reason), 64))}[/]",
         )
     Console().print(table)
     return EXIT_OK
@@ -722,34 +552,9 @@ def build_parser() -> argparse.ArgumentParser:
     init.add_argument("--cost", type=int, default=16, help="scrypt work factor, log2 N (14..20; default 16)")
     init.set_defaults(handler=cmd_reviewer_init)
 
-    audit = commands.add_parser("audit", help="read and verify the audit log")
-    audit_commands = audit.add_subparsers(dest="audit_command", required=True, metavar="ACTION")
+    from mcp_guard.audit.commands import register
 
-    def with_store(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        with_config(p)
-        p.add_argument("--store", help="audit store URL (default: from the configuration)")
-        p.add_argument("--json", action="store_true", help="print JSON")
-        return p
-
-    listing = with_store(audit_commands.add_parser("list", help="list recorded calls"))
-    listing.add_argument("--session")
-    listing.add_argument("--identity")
-    listing.add_argument("--tool")
-    listing.add_argument("--decision", choices=["allow", "deny", "approve"])
-    listing.add_argument("--since", help="ISO time, e.g. 2026-11-26 or 2026-11-26T10:00")
-    listing.add_argument("--until", help="ISO time")
-    listing.add_argument("--limit", type=int, help="only the newest N calls")
-    listing.set_defaults(handler=cmd_audit_list)
-    verify = with_store(audit_commands.add_parser("verify", help="check the hash chain"))
-    verify.set_defaults(handler=cmd_audit_verify)
-    unseal = with_store(audit_commands.add_parser("unseal", help="open the sealed originals of a call"))
-    unseal.add_argument("call_id")
-    unseal.add_argument(
-        "--key-env",
-        default="MCP_GUARD_AUDIT_KEY",
-        help="variable holding the audit key (default: %(default)s)",
-    )
-    unseal.set_defaults(handler=cmd_audit_unseal)
+    register(commands)
     return parser
 
 

@@ -295,6 +295,29 @@ class AuditSettings(_Model):
     """Characters of each response kept in the audit record."""
     durability: Literal["full", "writes", "normal"] = "writes"
     """Entries synced to disk before the call goes on: `writes` (execute calls), `full`, `normal`."""
+    checkpoint_every: Annotated[int, Field(ge=0)] = 1000
+    """Sign a checkpoint of the chain every N entries (and at each session end); 0: no checkpoints."""
+    signing_key_file: Path | None = None
+    """Ed25519 key that signs checkpoints; default audit-signing.key under MCP_GUARD_HOME, created on
+    first use. The environment variable MCP_GUARD_SIGNING_KEY, when set, is used instead."""
+    trusted_keys: tuple[str, ...] = ()
+    """Public keys (`ed25519:<base64>`) whose checkpoints `audit verify` accepts besides the signing key's."""
+    witness: Path | None = None
+    """File every checkpoint is appended to, outside the database; default: the store's path + `.witness`."""
+    prompt_window: Annotated[float, Field(gt=0)] = 1800.0
+    """Seconds within which a prompt is linked to a call by project directory and time alone."""
+
+    @field_validator("trusted_keys")
+    @classmethod
+    def _public_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        from mcp_guard.store.checkpoint import parse_public_key
+
+        for key in keys:
+            try:
+                parse_public_key(key, "trusted key")
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return keys
 
 
 SemanticType = Literal["email", "phone", "ssn", "national_id", "card", "iban", "secret", "jwt", "ip"]
@@ -437,6 +460,10 @@ class Config:
     source: str
     urls: Mapping[str, str]
     audit_url: str
+    signing_key_path: Path | None = None
+    """Where the checkpoint signing key is read (and created on first use)."""
+    witness_path: Path | None = None
+    """The file checkpoints are appended to, outside the audit database."""
 
     @property
     def secrets(self) -> tuple[str, ...]:
@@ -492,10 +519,47 @@ def _resolve_url(name: str, conn: ConnectionSettings, source: str) -> str:
     return url
 
 
+@dataclass(frozen=True, slots=True)
+class AuditLocations:
+    """Where the audit store, the checkpoint signing key and the witness file are."""
+
+    store_url: str
+    signing_key_path: Path
+    witness_path: Path | None
+
+
+def audit_locations(audit: AuditSettings, store_url: str | None = None) -> AuditLocations:
+    """The locations `audit` names, defaults filled in; `store_url` overrides the store (--store)."""
+    url = store_url or audit.url or f"sqlite:///{guard_home() / 'audit.db'}"
+    return AuditLocations(
+        store_url=url,
+        signing_key_path=(audit.signing_key_file or guard_home() / "audit-signing.key").expanduser(),
+        witness_path=audit.witness.expanduser() if audit.witness else _beside(url),
+    )
+
+
 def build_config(settings: Settings, source: str) -> Config:
     urls = {name: _resolve_url(name, conn, source) for name, conn in settings.connections.items()}
-    audit_url = settings.audit.url or f"sqlite:///{guard_home() / 'audit.db'}"
-    return Config(settings=settings, source=source, urls=urls, audit_url=audit_url)
+    where = audit_locations(settings.audit)
+    return Config(
+        settings=settings,
+        source=source,
+        urls=urls,
+        audit_url=where.store_url,
+        signing_key_path=where.signing_key_path,
+        witness_path=where.witness_path,
+    )
+
+
+def _beside(audit_url: str) -> Path | None:
+    """`<store file>.witness` for an SQLite store: another file, so cutting the database leaves it."""
+    if audit_url.startswith("sqlite:///"):
+        path = Path(audit_url.removeprefix("sqlite://"))
+    elif "://" not in audit_url:
+        path = Path(audit_url).expanduser().absolute()
+    else:
+        return None
+    return path.with_name(path.name + ".witness")
 
 
 def demo_config() -> Config:
@@ -520,6 +584,12 @@ def demo_config() -> Config:
 
 def load_config(path: Path) -> Config:
     """Read, validate and resolve one configuration file."""
+    return build_config(read_settings(path), str(path))
+
+
+def read_settings(path: Path) -> Settings:
+    """Read and validate one configuration file, without resolving connection URLs (audit commands
+    need no database credential)."""
     source = str(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -531,7 +601,7 @@ def load_config(path: Path) -> Config:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"not valid TOML: {error}", file=source) from None
-    return build_config(parse_settings(data, source), source)
+    return parse_settings(data, source)
 
 
 def config_path_from_env(explicit: str | None) -> Path | None:

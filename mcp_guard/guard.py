@@ -66,6 +66,7 @@ from mcp_guard.rewrite import MASKING_RULE, MaskPlan, Rewritten, rewrite
 from mcp_guard.seal import SealError, load_key
 from mcp_guard.store import open_store
 from mcp_guard.store.base import AuditEvent, EventType, Store
+from mcp_guard.store.checkpoint import Checkpointer, load_signing_key
 from mcp_guard.values import JsonValue
 from mcp_guard.writes import masked_read_in_write
 
@@ -129,6 +130,19 @@ def _dialect(url: str) -> str:
     return "sqlite" if url.startswith("sqlite:") else "postgres"
 
 
+async def _checkpointer(config: Config, store: Store) -> Checkpointer | None:
+    """Signed checkpoints as configured; the key is created on first use when none was given."""
+    every = config.settings.audit.checkpoint_every
+    if not every:
+        return None
+    key = load_signing_key(config.signing_key_path, create=True)
+    if key is None:
+        return None
+    checkpointer = Checkpointer(store, key, every, config.witness_path)
+    await checkpointer.start()
+    return checkpointer
+
+
 def _audit_key(config: Config) -> bytes | None:
     """The key that digests or seals originals in the audit; a ConfigError when it is needed and missing."""
     settings = config.settings.masking
@@ -162,9 +176,11 @@ class Guard:
         store: Store,
         backends: Mapping[str, Backend],
         masking: Masking | None = None,
+        checkpointer: Checkpointer | None = None,
     ) -> None:
         self.config = config
         self.store = store
+        self.checkpointer = checkpointer
         self._backends = dict(backends)
         self._opened: set[str] = set()
         settings = config.settings.masking
@@ -181,6 +197,11 @@ class Guard:
         _audit_key(config)  # a missing audit key stops the start, before anything is opened
         store = open_store(config.audit_url, durability=config.settings.audit.durability)
         await store.open()
+        try:
+            checkpointer = await _checkpointer(config, store)
+        except BaseException:
+            await store.close()
+            raise
         backends = {
             name: open_backend(
                 config.urls[name],
@@ -190,7 +211,7 @@ class Guard:
             )
             for name, conn in config.settings.connections.items()
         }
-        return cls(config, store, backends, masking)
+        return cls(config, store, backends, masking, checkpointer)
 
     async def close(self) -> None:
         for name in list(self._opened):
@@ -210,14 +231,18 @@ class Guard:
             )
         )
 
-    async def end_session(self, ctx: CallContext) -> None:
+    async def end_session(self, ctx: CallContext, detail: dict[str, JsonValue] | None = None) -> None:
+        """Record the end, then sign the head: a session's record is vouched for as soon as it closes."""
         await self.store.append(
             AuditEvent(
                 type=EventType.SESSION_END,
                 session_id=ctx.session_id,
                 identity=ctx.identity.subject,
+                detail=detail or {},
             )
         )
+        if self.checkpointer is not None:
+            await self.checkpointer.checkpoint(f"session end {ctx.session_id}")
 
     async def record_auth_failure(
         self,
@@ -359,14 +384,21 @@ class Guard:
         self, ctx: CallContext, call: _Call, status: str, result: ToolResult, seconds: float
     ) -> None:
         cap = self.config.settings.audit.response_cap
+        response: dict[str, JsonValue] = {
+            "text": result.text[:cap],
+            "text_truncated": len(result.text) > cap,
+            "is_error": result.is_error,
+        }
+        if result.structured is not None:
+            # the structured content the model was sent too, whole or not at all (a cut JSON is no record)
+            if len(json.dumps(result.structured, ensure_ascii=False)) <= cap:
+                response["structured"] = result.structured
+            else:
+                response["structured_omitted"] = True
         detail: dict[str, JsonValue] = {
             "status": status,
             "duration_ms": round(seconds * 1000, 3),
-            "response": {
-                "text": result.text[:cap],
-                "text_truncated": len(result.text) > cap,
-                "is_error": result.is_error,
-            },
+            "response": response,
             **call.summary,
         }
         if call.classification is not None:
@@ -673,6 +705,11 @@ class Guard:
         masking_summary = self._masking_summary(call, reads, protected, raw)
         if masking_summary:
             call.summary["masking"] = masking_summary
+            # What `audit stats` counts: every cell the assistant was shown masked or redacted.
+            call.summary["masked_cells"] = sum(
+                sum(note.mask is not None for note in p.notes) * result.row_count + len(p.findings)
+                for p, result in zip(protected, results, strict=True)
+            )
         return query_result(call.call_id, name, results, conn.limits, protected)
 
     # step 6: masking ----------------------------------------------------------------------------

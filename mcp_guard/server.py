@@ -7,8 +7,10 @@ refusal is an error result the model reads; the server keeps serving.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+import os
 import re
 import signal
 import socket
@@ -101,9 +103,12 @@ class Sessions:
     """Every MCP session of this server and who opened it: the one place recording SESSION_START/END.
 
     A session is the process on stdio, one SSE stream, or one streamable-HTTP session (a 2026-07-28
-    request, which has no session, is a session of one request). It starts with its first tool call,
-    under that call's identity; each later call runs with its own verified identity (a refreshed
-    token's groups) and is refused if that names someone else.
+    request, which has no session, is a session of one request). It starts when the client
+    initializes (or, failing that, at its first tool call), under that request's identity; each later
+    call runs with its own verified identity (a refreshed token's groups) and is refused if that names
+    someone else. The start record names the process (host, pid, working directory) so that records
+    a client hook writes (`mcp-guard hook claude-code`) can be linked to the session; see
+    mcp_guard/audit/prompts.py.
     """
 
     def __init__(self, guard: Guard, caller: Caller, transport: Transport) -> None:
@@ -162,10 +167,10 @@ class Sessions:
         else:
             log.info("calls run as %s (groups: %s)", identity.subject, ", ".join(sorted(identity.groups)))
 
-    async def close(self) -> None:
-        """End the sessions still open (server shutdown)."""
+    async def close(self, how: str) -> None:
+        """End the sessions still open (server shutdown), saying how."""
         for session_id in list(self._open):
-            await self._end(session_id)
+            await self._end(session_id, how)
 
     def _started(self, session: ServerSession) -> CallContext | None:
         if self._process_id is not None:
@@ -183,7 +188,13 @@ class Sessions:
         client = f"{info.name}/{info.version}" if info else None
         session_id = self._process_id or str(uuid.uuid4())
         context = CallContext(identity=identity, session_id=session_id, client=client)
-        detail: dict[str, Any] = {"transport": self.transport, "server": __version__}
+        detail: dict[str, Any] = {
+            "transport": self.transport,
+            "server": __version__,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "cwd": os.getcwd(),
+        }
         connection = None if self._process_id is not None else _connection_of(session)
         if connection is not None and connection.session_id:
             detail["transport_session"] = connection.session_id
@@ -191,13 +202,13 @@ class Sessions:
         self._open[context.session_id] = context
         if connection is not None:
             connection.state[SESSION_STATE] = context
-            connection.exit_stack.push_async_callback(self._end, context.session_id)
+            connection.exit_stack.push_async_callback(self._end, context.session_id, "the client closed it")
         return context
 
-    async def _end(self, session_id: str) -> None:
+    async def _end(self, session_id: str, how: str) -> None:
         context = self._open.pop(session_id, None)
         if context is not None:
-            await self.guard.end_session(context)
+            await self.guard.end_session(context, {"how": how})
 
 
 def _text_of(result: CallToolResult) -> str:
@@ -205,11 +216,16 @@ def _text_of(result: CallToolResult) -> str:
 
 
 def _rejections_recorder(guard: Guard, sessions: Sessions) -> ServerMiddleware[Any]:
-    """Audit tool calls the SDK refuses before any tool runs (unknown tool, arguments off the schema)."""
+    """Start the session's record when the client initializes, and audit tool calls the SDK refuses
+    before any tool runs (unknown tool, arguments off the schema)."""
 
     async def record(ctx: ServerRequestContext[Any, Any], call_next: CallNext) -> HandlerResult:
         result = await call_next(ctx)
-        if (
+        if ctx.method == "notifications/initialized":  # the client's name and version are known by now
+            # A caller that cannot be verified yet starts its session at its first call, refused there.
+            with contextlib.suppress(AuthenticationError):
+                await sessions.context_for(ctx.session)
+        elif (
             ctx.method == "tools/call"
             and isinstance(result, CallToolResult)
             and result.is_error
@@ -316,19 +332,39 @@ def build_server(
     return server, sessions
 
 
-async def serve_stdio(guard: Guard, caller: Caller) -> None:
+async def serve_stdio(guard: Guard, caller: Caller) -> bool:
+    """Serve until the client closes stdin (False) or SIGTERM or SIGINT arrives (True); the session's
+    end is recorded either way. After True the SDK's transport may still hold a reader thread blocked
+    on stdin, which nothing can interrupt: the caller should leave the process."""
     server, sessions = build_server(guard, caller, "stdio")
     await sessions.check_caller()
+    serving = asyncio.ensure_future(_run_stdio(server))
+    signalled = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for number in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(NotImplementedError, RuntimeError):  # Windows: no loop signal handlers
+            loop.add_signal_handler(number, signalled.set)
+    waiting = asyncio.ensure_future(signalled.wait())
     try:
-        if not stdio.usable():
-            await server.run_stdio_async()
-            return
-        # What MCPServer.run_stdio_async does, over event-loop pipes instead of thread-wrapped files.
-        lowlevel = server._lowlevel_server
-        async with stdio.pipe_stdio() as (lines, out), stdio_server(lines, out) as (read, write):  # type: ignore[arg-type]
-            await lowlevel.run(read, write, lowlevel.create_initialization_options())
+        await asyncio.wait({serving, waiting}, return_when=asyncio.FIRST_COMPLETED)
     finally:
-        await sessions.close()
+        waiting.cancel()
+        await sessions.close("signal" if signalled.is_set() else "the client closed the connection")
+    if serving.done():
+        serving.result()
+        return False
+    serving.cancel()
+    return True
+
+
+async def _run_stdio(server: MCPServer) -> None:
+    if not stdio.usable():
+        await server.run_stdio_async()
+        return
+    # What MCPServer.run_stdio_async does, over event-loop pipes instead of thread-wrapped files.
+    lowlevel = server._lowlevel_server
+    async with stdio.pipe_stdio() as (lines, out), stdio_server(lines, out) as (read, write):  # type: ignore[arg-type]
+        await lowlevel.run(read, write, lowlevel.create_initialization_options())
 
 
 # HTTP: an OAuth protected resource ----------------------------------------------------------------
@@ -504,7 +540,7 @@ async def serve_http(
     finally:
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
-        await sessions.close()
+        await sessions.close("the server stopped")
 
 
 class _HttpServer(uvicorn.Server):

@@ -22,6 +22,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import CallToolResult, Implementation, TextContent
 
+ROOT = Path(__file__).resolve().parent.parent
+
 
 @dataclass
 class Reply:
@@ -42,10 +44,14 @@ class GuardClient:
 
 
 @asynccontextmanager
-async def guard_client(config: Path | None, home: Path, **env: str) -> AsyncIterator[GuardClient]:
+async def guard_client(
+    config: Path | None, home: Path, cwd: Path | None = None, **env: str
+) -> AsyncIterator[GuardClient]:
     args = ["-m", "mcp_guard", "serve"] + (["--config", str(config)] if config else [])
     environment = {**os.environ, "MCP_GUARD_HOME": str(home), "MCP_GUARD_CONFIG": "", **env}
-    params = StdioServerParameters(command=sys.executable, args=args, env=environment)
+    if cwd is not None:  # the server must still import this checkout's mcp_guard
+        environment["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+    params = StdioServerParameters(command=sys.executable, args=args, env=environment, cwd=cwd)
     with open(home / "server.stderr", "a") as errlog:
         async with (
             stdio_client(params, errlog=errlog) as (read, write),

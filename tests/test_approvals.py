@@ -148,7 +148,7 @@ async def test_a_request_expires_after_its_ttl_and_never_runs(tmp_path, sqlite_s
     assert status.is_error and "expired" in status.text
     assert request.state is ApprovalState.EXPIRED
     assert "api_keys" in tables(sqlite_shop)
-    steps = [e["type"] for c in audit(tmp_path) for e in c.get("approval", [])]
+    steps = [e["type"] for c in audit(tmp_path) for e in c.get("trail", [])]
     assert steps == ["approval_requested", "approval_expired"]
 
 
@@ -174,7 +174,7 @@ async def test_a_pending_request_runs_once_approved_through_approval_status_and_
     assert "api_keys" not in tables(sqlite_shop)
     assert twice.is_error and "already ran" in twice.text and "an approval runs once" in twice.text
     assert stored.state is ApprovalState.EXECUTED and stored.outcome["status"] == "ok"
-    recorded = [e for c in audit(tmp_path) for e in c.get("approval", [])]
+    recorded = [e for c in audit(tmp_path) for e in c.get("trail", [])]
     assert [(e["type"], e["identity"]) for e in recorded] == [
         ("approval_requested", REQUESTER),
         ("approval_vote", "local:dana"),
@@ -368,7 +368,7 @@ async def test_the_audit_chain_holds_every_step_and_verifies(tmp_path, sqlite_sh
         report = await reviewers.store.verify()
     assert report.ok, report.problem
     [held] = [c for c in audit(tmp_path) if c["request"]["tool"] == "execute"]
-    steps = {e["type"]: e for e in held["approval"]}
+    steps = {e["type"]: e for e in held["trail"]}
     assert list(steps) == [
         "approval_requested",
         "approval_vote",

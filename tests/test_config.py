@@ -11,6 +11,7 @@ import pytest
 
 from mcp_guard.config import (
     ApprovalSettings,
+    AuditSettings,
     ConnectionSettings,
     IdentitySettings,
     MaskingSettings,
@@ -147,8 +148,18 @@ def test_the_full_example_is_valid(tmp_path, monkeypatch):
 
 def test_every_setting_is_documented():
     doc = (ROOT / "docs" / "configuration.md").read_text()
-    models = (ConnectionSettings, PolicyRule, PolicySettings, IdentitySettings, MaskingSettings, MaskRule)
-    for model in (*models, ApprovalSettings, ReviewerSettings):
+    models = (
+        ConnectionSettings,
+        PolicyRule,
+        PolicySettings,
+        IdentitySettings,
+        MaskingSettings,
+        MaskRule,
+        AuditSettings,
+        ApprovalSettings,
+        ReviewerSettings,
+    )
+    for model in models:
         for name in model.model_fields:
             assert f"`{name}`" in doc, f"{model.__name__}.{name} is missing from docs/configuration.md"
     assert "`response_cap`" in doc and "`url`" in doc

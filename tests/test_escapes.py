@@ -22,6 +22,8 @@ from tests.conftest import write_config
 from tests.corpus import load
 
 ESCAPE_FILES = "/tmp/mcp_guard_escape_*"
+OURS = ("audit.db", "audit-signing.key", "server.")
+"""Files the guard itself writes beside the shop (audit store, witness, signing key, logs)."""
 
 PG_DATA_STATE = """
 SELECT
@@ -109,7 +111,7 @@ async def test_no_sqlite_escape_changes_anything(tmp_path, sqlite_shop):
     config = write_config(tmp_path, f'[connections.shop]\nurl = "sqlite:///{sqlite_shop}"\ntimeout = 3\n')
     before = _sqlite_state(sqlite_shop)
     files_before = sorted(
-        p.name for p in tmp_path.iterdir() if not p.name.startswith(("audit.db", "server."))
+        p.name for p in tmp_path.iterdir() if not p.name.startswith(OURS)
     )
     failures: list[str] = []
     async with guard_client(config, tmp_path) as client:
@@ -119,7 +121,7 @@ async def test_no_sqlite_escape_changes_anything(tmp_path, sqlite_shop):
             if _sqlite_state(sqlite_shop) != before:
                 problem = f"{case.id} {case.title}: CHANGED the database"
             files = sorted(
-                p.name for p in tmp_path.iterdir() if not p.name.startswith(("audit.db", "server."))
+                p.name for p in tmp_path.iterdir() if not p.name.startswith(OURS)
             )
             created = glob.glob(ESCAPE_FILES) + sorted(
                 set(files) - set(files_before) - {"shop.db-wal", "shop.db-shm"}

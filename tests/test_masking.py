@@ -4,6 +4,7 @@ audit's sealed originals, the index scan kept, and the analysis units that fail 
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -232,7 +233,8 @@ async def test_the_audit_keeps_sealed_originals_that_unseal_with_the_key(tmp_pat
     audit = (tmp_path / "audit.db").read_bytes()
     assert ssn.encode() not in audit and AUDIT_KEY.encode() not in audit and KEY.encode() not in audit
     store = f"sqlite:///{tmp_path / 'audit.db'}"
-    command = [sys.executable, "-m", "mcp_guard", "audit", "unseal", call_id, "--store", store, "--json"]
+    command = [sys.executable, "-m", "mcp_guard", "audit", "show", call_id, "--unseal", "--store", store]
+    command.append("--json")
     opened = subprocess.run(
         command,
         capture_output=True,
@@ -241,7 +243,7 @@ async def test_the_audit_keeps_sealed_originals_that_unseal_with_the_key(tmp_pat
         env={"MCP_GUARD_AUDIT_KEY": AUDIT_KEY, "PATH": ""},
     )
     assert opened.returncode == 0, opened.stderr
-    statements = json.loads(opened.stdout)
+    statements = json.loads(opened.stdout)["originals"]
     assert statements[0]["columns"] == ["ssn"] and statements[0]["rows"][0] == [ssn]
     wrong = subprocess.run(
         command, capture_output=True, text=True, timeout=60, env={"MCP_GUARD_AUDIT_KEY": "33" * 32}
@@ -321,3 +323,28 @@ def test_check_shows_the_masked_sql_and_each_columns_lineage(tmp_path, sqlite_sh
         env={"TEST_MASK_KEY": KEY, "PATH": ""},
     )
     assert refused.returncode == 1 and "masking refuses" in refused.stdout
+
+
+async def test_audit_stats_count_the_cells_the_assistant_saw_masked(tmp_path):
+    async with guard_client(None, tmp_path) as client:
+        reply = await client.call("query", sql="SELECT email, phone FROM customers ORDER BY id LIMIT 3")
+    assert reply.structured["masked_columns"]
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "audit", "stats", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MCP_GUARD_HOME": str(tmp_path), "MCP_GUARD_CONFIG": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    [row] = json.loads(done.stdout)
+    assert row["masked_cells"] == 6 and row["calls"] == 1
+
+
+def test_a_column_without_digits_or_markers_is_skipped_but_a_bare_secret_is_still_found():
+    detectors = Detectors(ALL_DETECTORS)
+    plain = [["shipped"], ["waiting for the courier"], [None]]
+    assert detectors.scan(plain, [0]) == [] and plain[1] == ["waiting for the courier"]
+    secrets = [["key is sk_live_abcdefghijkl"], ["xoxb-abcdefghijk"], ["ghp_abcdefghijklmnop"]]
+    assert len(detectors.scan(secrets, [0])) == 3
+    assert all(row[0].endswith("[masked:secret]") for row in secrets)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import subprocess
 import sys
@@ -17,11 +18,13 @@ def shop_config(tmp_path: Path, shop: Path, extra: str = "") -> Path:
 
 
 def audit_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """The audit command as the operator runs it: same home as the server (where its signing key is)."""
     return subprocess.run(
         [sys.executable, "-m", "mcp_guard", "audit", *args, "--store", f"sqlite:///{tmp_path / 'audit.db'}"],
         capture_output=True,
         text=True,
         timeout=60,
+        env={**os.environ, "MCP_GUARD_HOME": str(tmp_path), "MCP_GUARD_CONFIG": ""},
     )
 
 

@@ -22,7 +22,7 @@ import mcp_guard
 from mcp_guard.errors import AuditError, ConfigError, UsageError
 from mcp_guard.store import chain, open_store
 from mcp_guard.store.base import AuditEvent, AuditFilter, EventType, VerifyReport
-from mcp_guard.store.sqlite import SqliteStore
+from mcp_guard.store.sqlite import SCHEMA_VERSION, SqliteStore
 
 REPO = Path(mcp_guard.__file__).resolve().parent.parent
 
@@ -210,7 +210,7 @@ async def test_an_event_that_cannot_be_encoded_fails_alone(store: SqliteStore) -
         store.append(event(3)),
         return_exceptions=True,
     )
-    assert results[0] is None and results[2] is None
+    assert results[0] == 1 and results[2] == 2
     assert isinstance(results[1], AuditError) and "detail.at holds a value of type object" in str(results[1])
     assert [r.event.call_id for r in await store.query(AuditFilter())] == ["call-1", "call-3"]
 
@@ -412,7 +412,7 @@ async def test_verification_streams_past_one_chunk_and_finds_a_late_break(tmp_pa
 APPENDER = """
 import asyncio, sys, time
 from pathlib import Path
-from mcp_guard.store.sqlite import SqliteStore
+from mcp_guard.store.sqlite import SCHEMA_VERSION, SqliteStore
 from mcp_guard.store.base import AuditEvent, EventType
 
 async def main(path, name, go):
@@ -531,9 +531,11 @@ async def test_a_store_with_triggers_is_refused(log20: Path) -> None:
 
 
 async def test_a_newer_schema_version_is_refused(log20: Path) -> None:
-    run_sql(log20, "PRAGMA user_version = 2")
+    newer = SCHEMA_VERSION + 1
+    run_sql(log20, f"PRAGMA user_version = {newer}")
     with pytest.raises(
-        AuditError, match=r"newer mcp-guard \(schema version 2; this one understands up to 1\)"
+        AuditError,
+        match=rf"newer mcp-guard \(schema version {newer}; this one understands up to {SCHEMA_VERSION}\)",
     ):
         await SqliteStore(log20).open()
 

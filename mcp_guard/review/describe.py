@@ -27,6 +27,12 @@ def visible(text: str) -> str:
     return _HIDDEN.sub(shown, text.replace("\r\n", "\n"))
 
 
+def one_line(text: str, width: int) -> str:
+    """`text` flattened onto one line of at most `width` characters."""
+    flat = " ".join(text.split())
+    return flat if len(flat) <= width else flat[: width - 1] + "…"
+
+
 def seconds_since(moment: str, now: datetime | None = None) -> float:
     return ((now or datetime.now(UTC)) - datetime.fromisoformat(moment)).total_seconds()
 

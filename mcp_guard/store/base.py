@@ -8,7 +8,7 @@ those bytes, kept for filtering and checked by `verify`.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Collection, Mapping
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping
 from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -27,6 +27,10 @@ class EventType(StrEnum):
     REQUEST = "request"
     OUTCOME = "outcome"
     AUTH_FAILURE = "auth_failure"
+    PROMPT = "prompt"
+    """The user's prompt, recorded by a client hook (`mcp-guard hook claude-code`)."""
+    TOOL_USE = "tool_use"
+    """The client announcing a tool call it is about to send (a fingerprint of its arguments)."""
     APPROVAL_REQUESTED = "approval_requested"
     APPROVAL_VOTE = "approval_vote"
     APPROVAL_APPROVED = "approval_approved"
@@ -90,15 +94,75 @@ class AuditFilter:
     since: str | None = None
     until: str | None = None
     limit: int | None = None
+    connection: str | None = None
+    kind: str | None = None
+    """The riskiest statement kind of an outcome's classification (`read`, `write`, `ddl`, ...)."""
+    table: str | None = None
+    """A table an outcome's statements reference; `orders` also matches `public.orders`."""
+
+
+@dataclass(frozen=True, slots=True)
+class CallFilter:
+    """Which calls (a request, its outcome, and any entries between) to read; every set field must match.
+
+    `session_id`, `identity`, `tool`, `since`, `until` and `text` apply to the request; `connection`
+    (as resolved), `decision`, `kind`, `writes` and `table` to the outcome; `approver` to the
+    entries recorded for the call in between (approvals).
+    """
+
+    session_id: str | None = None
+    identity: str | None = None
+    tool: str | None = None
+    connection: str | None = None
+    decision: str | None = None
+    kind: str | None = None
+    writes: bool = False
+    """Only calls whose SQL holds something other than reads (writes, DDL, ...), allowed or not."""
+    table: str | None = None
+    text: str | None = None
+    """A piece of the SQL, compared case-insensitively."""
+    approver: str | None = None
+    since: str | None = None
+    until: str | None = None
+    limit: int | None = None
+    """Only the newest N matching calls (still returned oldest first)."""
+
+
+@dataclass(frozen=True, slots=True)
+class StatsRow:
+    """Calls of one identity on one day (UTC)."""
+
+    identity: str
+    day: str
+    calls: int
+    writes: int
+    denied: int
+    errors: int
+    approvals: int
+    masked_cells: int
 
 
 @dataclass(frozen=True, slots=True)
 class VerifyReport:
     ok: bool
     entries: int
+    """The seq of the last entry that holds: the number of entries ever appended up to it."""
     head_hash: str | None
     first_bad_seq: int | None = None
     problem: str | None = None
+    first_seq: int = 1
+    """The first entry checked: 1, or the one after a pruned prefix."""
+    watched: Mapping[int, str] = field(default_factory=dict)
+    """The hashes of the entries asked for (checkpoints to compare), among those that hold."""
+
+
+@dataclass(frozen=True, slots=True)
+class StoredCheckpoint:
+    """A signed checkpoint as the store keeps it: its entry count, head hash and exact text."""
+
+    entries: int
+    head: str
+    text: str
 
 
 class ChangeWatch(ABC):
@@ -116,6 +180,12 @@ class Store(ABC):
     Every change to an approval request is committed together with its audit entry, or not at all.
     """
 
+    _after_append: Callable[[int], Awaitable[None]] | None = None
+
+    def on_append(self, callback: Callable[[int], Awaitable[None]] | None) -> None:
+        """Await `callback(seq)` after each append commits; the checkpointer watches the count this way."""
+        self._after_append = callback
+
     @abstractmethod
     async def open(self) -> None:
         """Create or open the store; AuditError when it cannot be used."""
@@ -125,17 +195,71 @@ class Store(ABC):
         """Flush pending appends and close."""
 
     @abstractmethod
-    async def append(self, event: AuditEvent, *, durable: bool = False) -> None:
-        """Append and commit before returning; AuditError when it cannot. `durable` entries also
-        survive a power cut (the store syncs them to disk before returning)."""
+    async def append(self, event: AuditEvent, *, durable: bool = False) -> int:
+        """Append and commit before returning its seq; AuditError when it cannot. `durable` entries
+        also survive a power cut (the store syncs them to disk before returning)."""
 
     @abstractmethod
     async def query(self, flt: AuditFilter) -> list[AuditRecord]:
         """Entries matching every set field, oldest first."""
 
     @abstractmethod
-    async def verify(self) -> VerifyReport:
-        """Recompute the whole chain; name the first entry that does not hold."""
+    async def entries(self, first: int, last: int) -> list[AuditRecord]:
+        """The entries whose seq lies between `first` and `last`, both included."""
+
+    @abstractmethod
+    async def session_ids(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` ids of sessions that started with an id beginning with `prefix`, newest first."""
+
+    @abstractmethod
+    async def call_ids(self, prefix: str, limit: int) -> list[str]:
+        """Up to `limit` distinct call ids that start with `prefix`."""
+
+    @abstractmethod
+    def calls(self, flt: CallFilter) -> AsyncGenerator[list[AuditRecord], None]:
+        """Every entry of each matching call, call by call in request order, streamed from one snapshot."""
+
+    @abstractmethod
+    async def stats(self, flt: CallFilter) -> list[StatsRow]:
+        """Matching calls counted by identity and day."""
+
+    @abstractmethod
+    async def verify(
+        self, *, base: tuple[int, bytes] | None = None, watch: Collection[int] = ()
+    ) -> VerifyReport:
+        """Recompute the chain from `base` (seq, hash) or from genesis; name the first bad entry.
+
+        The hashes of the entries whose seq is in `watch` are reported, to compare with checkpoints.
+        """
+
+    @abstractmethod
+    async def head(self) -> tuple[int, str] | None:
+        """The newest entry's seq and hash; None when the store holds no entry."""
+
+    @abstractmethod
+    async def first_seq(self) -> int | None:
+        """The oldest entry kept (1 unless a prefix was pruned); None when the store holds no entry."""
+
+    @abstractmethod
+    async def first_at_or_after(self, ts: str) -> int | None:
+        """The oldest entry recorded at time `ts` (ISO 8601) or later; None when there is none."""
+
+    @abstractmethod
+    async def entry_hash(self, seq: int) -> str | None:
+        """The stored hash of entry `seq`, None when it is not there."""
+
+    @abstractmethod
+    async def add_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
+        """Keep a signed checkpoint beside the chain."""
+
+    @abstractmethod
+    async def checkpoints(self) -> list[StoredCheckpoint]:
+        """Every checkpoint kept, oldest first."""
+
+    @abstractmethod
+    async def prune(self, checkpoint: StoredCheckpoint) -> int:
+        """Remove the entries up to and including `checkpoint.entries` in one transaction that keeps
+        `checkpoint`, whose head must be that entry's hash; returns how many entries were removed."""
 
     # approvals ----------------------------------------------------------------------------------
 

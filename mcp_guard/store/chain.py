@@ -14,7 +14,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from typing import Any
 
 from mcp_guard.errors import AuditError
@@ -29,7 +29,8 @@ INDEXED = ("ts", "type", "session_id", "call_id", "identity", "tool", "connectio
 """Fields of an event that stores copy into columns for filtering; verification checks the copies."""
 
 ROW = ("seq", "prev_hash", "hash", "body", *INDEXED)
-"""The columns `Verifier.feed` expects in each row, in this order."""
+"""The columns `Verifier.feed` expects in each row, in this order. A store that keeps more index
+columns derived from the body (statement kind, tables) adds one more value: whether they agree."""
 
 _REQUIRED = frozenset({"ts", "type", "session_id", "identity"})
 _FIELDS = frozenset({*INDEXED, "detail"})
@@ -123,17 +124,23 @@ class Verifier:
     hashed bytes say.
     """
 
-    def __init__(self) -> None:
-        self._next_seq = 1
-        self._head = GENESIS
+    def __init__(self, base: tuple[int, bytes] | None = None, watch: Collection[int] = ()) -> None:
+        """Start after entry `base[0]` whose hash is `base[1]` (a pruned prefix), else at genesis."""
+        last, head = base if base is not None else (0, GENESIS)
+        self._first = last + 1
+        self._next_seq = last + 1
+        self._head = head
         self._bad_seq: int | None = None
         self._problem: str | None = None
+        self._watch = frozenset(watch)
+        self._watched: dict[int, str] = {}
 
     def feed(self, rows: Iterable[Sequence[Any]]) -> bool:
         """Check more rows; False once a bad entry was found (feeding more changes nothing)."""
         if self._problem is not None:
             return False
-        expected, head = self._next_seq, self._head
+        expected, head, watch = self._next_seq, self._head, self._watch
+        derived = len(ROW)
         try:
             for row in rows:
                 seq, prev, digest, body = row[:4]
@@ -152,8 +159,13 @@ class Verifier:
                     )
                 if not isinstance(body, bytes) or link(seq, prev, body) != digest:
                     return self._fail(seq, "its body does not match its hash (edited)")
-                if not _columns_agree(body, *row[4:]):
-                    return self._fail(seq, _column_problem(body, row[4:]))
+                if not _columns_agree(body, *row[4:derived]):
+                    return self._fail(seq, _column_problem(body, row[4:derived]))
+                if len(row) > derived and row[derived] != 1:
+                    problem = "its index columns kind/tables disagree with the hashed body (index altered)"
+                    return self._fail(seq, problem)
+                if seq in watch:
+                    self._watched[seq] = digest.hex()
                 head = digest
                 expected += 1
         finally:
@@ -172,6 +184,8 @@ class Verifier:
             head_hash=self._head.hex() if self._next_seq > 1 else None,
             first_bad_seq=self._bad_seq,
             problem=self._problem,
+            first_seq=self._first,
+            watched=dict(self._watched),
         )
 
 
@@ -200,17 +214,39 @@ def _columns_agree(
     end early or late inside another: its inner quotes are escaped, its outer ones are not.
     """
     try:
-        start = (
-            f'{{"call_id":{_json(call_id)},"connection":{_json(connection)},'
-            f'"decision":{_json(decision)},"detail":'
+        start = b'{"call_id":%b,"connection":%b,"decision":%b,"detail":' % (
+            _json(call_id).encode(),
+            _encoded(connection),
+            _encoded(decision),
         )
-        end = (
-            f',"identity":{_json(identity)},"session_id":{_json(session_id)},"tool":{_json(tool)},'
-            f'"ts":{_json(ts)},"type":{_json(type_)}}}'
+        end = b',"identity":%b,"session_id":%b,"tool":%b,"ts":%b,"type":%b}' % (
+            _encoded(identity),
+            _encoded(session_id),
+            _encoded(tool),
+            _json(ts).encode(),
+            _encoded(type_),
         )
-    except TypeError:  # a column holding bytes: the file was edited
+    except TypeError:  # a column holding bytes or a number: the file was edited
         return False
-    return body.startswith(start.encode()) and body.endswith(end.encode())
+    return body.startswith(start) and body.endswith(end)
+
+
+_ENCODED: dict[str | None, bytes] = {}
+
+
+def _encoded(value: object) -> bytes:
+    """The JSON bytes of a column value that repeats from entry to entry (session, identity, tool...)."""
+    try:
+        return _ENCODED[value]  # type: ignore[index]
+    except KeyError:
+        if value is not None and type(value) is not str:
+            raise TypeError(type(value).__name__) from None
+        encoded = _json(value).encode()
+        if len(_ENCODED) < 10_000:
+            _ENCODED[value] = encoded
+        return encoded
+    except TypeError:  # unhashable: not a column value mcp-guard writes
+        raise TypeError(type(value).__name__) from None
 
 
 def _column_problem(body: bytes, columns: Sequence[Any]) -> str:

@@ -13,6 +13,11 @@ a trip to aiosqlite's thread made it 110 µs). When the lock is taken, or append
 entry must be synced, one writer task takes every append queued at that moment (group commit) and
 writes them in one statement through aiosqlite's thread, which waits for the lock.
 
+Besides the columns copied from the event, two index columns are derived from an outcome's
+classification by the same statement: `kind` (the riskiest statement kind) and `tables` (a JSON
+array), so that "which writes touched orders" is answered from an index; `verify` recomputes them
+from the hashed bytes. Signed checkpoints live in their own table (`checkpoint`), beside the chain.
+
 Durability: a batch holding an entry appended with `durable=True` is committed on a connection
 with `synchronous=FULL`, which syncs the WAL at the commit, so the entry survives a power cut or
 an OS crash: the guard asks for it before a write runs, so "the intent is recorded before the
@@ -27,11 +32,15 @@ than two NORMAL ones. With 20 concurrent appenders group commit shares one sync 
 from __future__ import annotations
 
 import asyncio
+import itertools
 import json
+import multiprocessing
 import os
 import sqlite3
-from collections.abc import Collection, Mapping
-from contextlib import AbstractAsyncContextManager
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
@@ -41,19 +50,38 @@ import aiosqlite
 from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError, ConfigError, UsageError
 from mcp_guard.store import chain
-from mcp_guard.store.base import AuditEvent, AuditFilter, AuditRecord, ChangeWatch, Store, VerifyReport
+from mcp_guard.store.base import (
+    AuditEvent,
+    AuditFilter,
+    AuditRecord,
+    CallFilter,
+    ChangeWatch,
+    EventType,
+    StatsRow,
+    Store,
+    StoredCheckpoint,
+    VerifyReport,
+)
 from mcp_guard.store.sqlite_approvals import SqliteApprovals
 from mcp_guard.values import JsonValue
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+"""1: the chain. 2: adds the derived index columns kind and tables, and the checkpoint table."""
 
 Durability: TypeAlias = Literal["full", "writes", "normal"]
-_Pending: TypeAlias = tuple[str, str, bool, "asyncio.Future[None]"]
+_Pending: TypeAlias = tuple[str, str, bool, "asyncio.Future[int]"]
 """An append waiting for the writer: canonical body, its indexed fields as JSON, durable, its future."""
 
 
 def _array(texts: list[str]) -> str:
     return json.dumps(texts, ensure_ascii=False)
+
+
+def _meta(event: AuditEvent) -> str:
+    """The columns `_APPEND` indexes, as JSON: chain.INDEXED's fields, then an outcome's classification."""
+    fields = event.as_dict()
+    classification = event.detail.get("classification") if event.type == EventType.OUTCOME else None
+    return json.dumps([*(fields[name] for name in chain.INDEXED), classification], ensure_ascii=False)
 
 
 _COLUMNS = (
@@ -69,12 +97,29 @@ _COLUMNS = (
     ("prev_hash", "BLOB"),
     ("hash", "BLOB"),
     ("body", "BLOB"),
+    ("kind", "TEXT"),
+    ("tables", "TEXT"),
 )
 
-# Indexes serve the selective filters: a session's story, one call, one person, a time window.
-# `type`, `tool` and `decision` take a handful of values: a filter on them alone scans from the
-# newest entry, and with a selective filter the planner uses that filter's index. Each index
-# writes one more page per commit (about 12 µs per append measured here).
+# The derived index columns: SQL over an entry's JSON text, the same at insert and at verify.
+# `{c}` is the outcome's classification: taken from the body at verify, and passed beside the body
+# (the last element of `meta`) at insert so that a large body is not parsed once more per column.
+_DERIVED = {
+    "kind": "{c} ->> '$.kind'",
+    "tables": "{c} -> '$.tables'",
+}
+
+
+def _classification_of(text: str) -> str:
+    return f"({text} -> '$.detail.classification')"
+
+
+def _derived(column: str, classification: str, type_: str) -> str:
+    return f"CASE WHEN {type_} = 'outcome' THEN {_DERIVED[column].format(c=classification)} END"
+
+
+# `type` has a handful of values and is left unindexed: a scan from the newest entry finds
+# plenty. Every index costs about 6 µs per commit.
 _SCHEMA = (
     """CREATE TABLE audit (
         seq INTEGER PRIMARY KEY,
@@ -88,22 +133,51 @@ _SCHEMA = (
         decision TEXT,
         prev_hash BLOB NOT NULL,
         hash BLOB NOT NULL,
-        body BLOB NOT NULL
+        body BLOB NOT NULL,
+        kind TEXT,
+        tables TEXT
     ) STRICT""",
     "CREATE INDEX audit_session ON audit (session_id)",
     "CREATE INDEX audit_identity ON audit (identity)",
     "CREATE INDEX audit_call ON audit (call_id)",
     "CREATE INDEX audit_ts ON audit (ts)",
+)
+
+# Version 2, also the migration from version 1. `tables` is indexed with call_id so that a table
+# filter reads the small index only.
+_SCHEMA_2 = (
+    "CREATE INDEX audit_kind ON audit (kind) WHERE kind IS NOT NULL",
+    "CREATE INDEX audit_tables ON audit (tables, call_id) WHERE tables IS NOT NULL",
+    """CREATE TABLE checkpoint (
+        id INTEGER PRIMARY KEY,
+        entries INTEGER NOT NULL,
+        head BLOB NOT NULL,
+        text TEXT NOT NULL
+    ) STRICT""",
+    "CREATE INDEX checkpoint_entries ON checkpoint (entries)",
     f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
+_MIGRATE_1 = (
+    "ALTER TABLE audit ADD COLUMN kind TEXT",
+    "ALTER TABLE audit ADD COLUMN tables TEXT",
+    f"""UPDATE audit SET
+        kind = {_derived("kind", _classification_of("CAST(body AS TEXT)"), "type")},
+        tables = {_derived("tables", _classification_of("CAST(body AS TEXT)"), "type")}
+    WHERE type = 'outcome'""",
+    *_SCHEMA_2,
+)
+
 # ?1: the bodies as a JSON array of strings; ?2: chain.GENESIS; ?3: per body, the JSON array of its
-# indexed fields in chain.INDEXED order. They come apart from the bodies because extracting eight
-# fields from each body would parse it eight times (a 64 KB response made an append cost 1.5 ms);
-# `verify` checks that every column matches its hashed body. `batch` is materialized so the
+# indexed fields in chain.INDEXED order, then its outcome's classification (or null). They come
+# apart from the bodies because extracting ten columns from each body would parse it ten times (a
+# 64 KB response made an append cost 1.5 ms); `verify` checks that every column matches its hashed
+# body. `batch` is materialized so the
 # recursion joins on it instead of re-reading the JSON for every step.
+_META_TYPE = f"(meta ->> {chain.INDEXED.index('type')})"
+_META_CLASSIFICATION = f"(meta -> {len(chain.INDEXED)})"
 _APPEND = f"""
-INSERT INTO audit (seq, {", ".join(chain.INDEXED)}, prev_hash, hash, body)
+INSERT INTO audit (seq, {", ".join(chain.INDEXED)}, prev_hash, hash, body, kind, tables)
 WITH RECURSIVE
     batch(n, text, meta) AS MATERIALIZED (
         SELECT b.key + 1, b.value, m.value FROM json_each(?1) AS b JOIN json_each(?3) AS m ON m.key = b.key
@@ -116,12 +190,26 @@ WITH RECURSIVE
         FROM linked AS l JOIN batch AS b ON b.n = l.n + 1
     )
 SELECT seq, {", ".join(f"meta ->> {i}" for i in range(len(chain.INDEXED)))},
-    prev_hash, hash, CAST(text AS BLOB)
+    prev_hash, hash, CAST(text AS BLOB),
+    {_derived("kind", _META_CLASSIFICATION, _META_TYPE)},
+    {_derived("tables", _META_CLASSIFICATION, _META_TYPE)}
 FROM linked WHERE n > 0
+RETURNING seq
 """
 
-_VERIFY = f"SELECT {', '.join(chain.ROW)} FROM audit ORDER BY seq"
+# The last value says whether the derived columns hold what the body holds. Only outcomes are parsed;
+# json_valid keeps an edited, unparseable body from failing the whole read (the hash check names it).
+_BODY = "CAST(body AS TEXT)"
+_KIND, _TABLES = (_DERIVED[name].format(c=_classification_of(_BODY)) for name in ("kind", "tables"))
+_VERIFY = f"""SELECT {", ".join(chain.ROW)},
+    CASE WHEN type <> 'outcome' OR NOT json_valid({_BODY}) THEN kind IS NULL AND tables IS NULL
+        ELSE kind IS ({_KIND}) AND tables IS ({_TABLES})
+    END
+FROM audit WHERE seq BETWEEN ? AND ? ORDER BY seq"""
 _VERIFY_CHUNK = 4096
+_PARALLEL_MIN = 150_000
+"""Entries per process below which verification stays in one process (starting one costs ~0.2 s)."""
+_CALLS_CHUNK = 512
 
 # What each SQLite error means for the person who must fix it.
 _CAUSES = {
@@ -145,12 +233,14 @@ class SqliteStore(Store):
         *,
         durability: Durability = "writes",
         busy_timeout: float = 5.0,
+        verify_workers: int = min(8, os.cpu_count() or 1),
     ) -> None:
         if durability not in ("full", "writes", "normal"):
             raise ConfigError(f"durability must be full, writes or normal, not {durability!r}")
         self.path = path
         self.durability = durability
         self.busy_timeout = busy_timeout
+        self.verify_workers = verify_workers
         self._db: aiosqlite.Connection | None = None
         self._synced_db: aiosqlite.Connection | None = None
         self._inline: sqlite3.Connection | None = None
@@ -165,6 +255,8 @@ class SqliteStore(Store):
             busy_timeout=busy_timeout,
             synchronous="NORMAL" if durability == "normal" else "FULL",
             append_sql=_APPEND,
+            meta=_meta,
+            appended=self._approval_appended,
             error=self._error,
         )
 
@@ -216,11 +308,16 @@ class SqliteStore(Store):
         await db.execute("PRAGMA trusted_schema = OFF")
         await self._enter_wal(db)
         await db.execute(f"PRAGMA synchronous = {synchronous}")
-        if await self._version(db) == 0:
+        if await self._version(db) < SCHEMA_VERSION:
             await db.execute("BEGIN IMMEDIATE")  # another process may be creating it right now
             try:
-                if await self._version(db) == 0:
+                version = await self._version(db)
+                if version == 0:
                     await self._create(db)
+                elif version == 1:
+                    await self._check_layout(db, _COLUMNS[:-2])
+                    for statement in _MIGRATE_1:
+                        await db.execute(statement)
                 await db.execute("COMMIT")
             except BaseException:
                 await db.rollback()
@@ -258,10 +355,12 @@ class SqliteStore(Store):
                 f"audit store {self.path}: this SQLite file holds other data ({', '.join(sorted(tables))}) "
                 "and no mcp-guard audit log; give the audit store a file of its own"
             )
-        for statement in _SCHEMA:
+        for statement in (*_SCHEMA, *_SCHEMA_2):
             await db.execute(statement)
 
-    async def _check_layout(self, db: aiosqlite.Connection) -> None:
+    async def _check_layout(
+        self, db: aiosqlite.Connection, expected: tuple[tuple[str, str], ...] = _COLUMNS
+    ) -> None:
         version = await self._version(db)
         if version > SCHEMA_VERSION:
             raise AuditError(
@@ -270,11 +369,11 @@ class SqliteStore(Store):
             )
         kind = await db.execute_fetchall("SELECT type FROM sqlite_master WHERE name = 'audit'")
         columns = tuple((row[1], row[2]) for row in await db.execute_fetchall("PRAGMA table_info(audit)"))
-        if [tuple(row) for row in kind] != [("table",)] or columns != _COLUMNS:
+        if [tuple(row) for row in kind] != [("table",)] or columns != expected:
             found = ", ".join(name for name, _ in columns) or "no audit table"
             raise AuditError(
                 f"audit store {self.path}: not an mcp-guard audit log (found {found}; expected a table "
-                f"audit with {', '.join(name for name, _ in _COLUMNS)}); the file was altered or belongs "
+                f"audit with {', '.join(name for name, _ in expected)}); the file was altered or belongs "
                 "to something else"
             )
         triggers = await db.execute_fetchall("SELECT name FROM sqlite_master WHERE type = 'trigger'")
@@ -301,41 +400,44 @@ class SqliteStore(Store):
 
     # appends ------------------------------------------------------------------------------------
 
-    async def append(self, event: AuditEvent, *, durable: bool = False) -> None:
-        """Append and return once committed. With the writer idle, an entry that need not be synced
-        is appended right here on the event loop, without waiting for the lock: the statement takes
-        tens of µs, less than a trip to aiosqlite's thread. Otherwise it joins the writer's next
-        batch. A caller cancelled while waiting does not withdraw its entry: it may already be on
-        its way to the disk."""
+    async def append(self, event: AuditEvent, *, durable: bool = False) -> int:
+        """Append and return the entry's seq once committed. With the writer idle, an entry that need
+        not be synced is appended right here on the event loop, without waiting for the lock: the
+        statement takes tens of µs, less than a trip to aiosqlite's thread. Otherwise it joins the
+        writer's next batch. A caller cancelled while waiting does not withdraw its entry: it may
+        already be on its way to the disk."""
         body = chain.canonical(event).decode()
-        fields = event.as_dict()
-        meta = json.dumps([fields[name] for name in chain.INDEXED], ensure_ascii=False)
+        meta = _meta(event)
         if self._db is None or self._closing:
             raise AuditError(f"audit store {self.path}: is not open; nothing can be recorded")
+        seq: int | None = None
         if not self._pending and not self._writing and not self._synced(durable):
             try:
-                if self._append_inline(_array([body]), f"[{meta}]"):
-                    return
+                seq = self._append_inline(_array([body]), f"[{meta}]")
             except sqlite3.Error as exc:
                 raise self._error("the entry was not recorded", exc) from exc
-        done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self._pending.append((body, meta, durable, done))
-        self._wake.set()
-        await done
+        if seq is None:
+            done: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+            self._pending.append((body, meta, durable, done))
+            self._wake.set()
+            seq = await done
+        if self._after_append is not None:
+            await self._after_append(seq)
+        return seq
 
     def _synced(self, durable: bool) -> bool:
         return self.durability == "full" or (self.durability == "writes" and durable)
 
-    def _append_inline(self, bodies: str, metas: str) -> bool:
-        """True when appended; False when another writer held the lock (nothing was written)."""
+    def _append_inline(self, bodies: str, metas: str) -> int | None:
+        """The first seq appended; None when another writer held the lock (nothing was written)."""
         assert self._inline is not None
         try:
-            self._inline.execute(_APPEND, (bodies, chain.GENESIS, metas))
+            rows = self._inline.execute(_APPEND, (bodies, chain.GENESIS, metas)).fetchall()
         except sqlite3.OperationalError as exc:
             if exc.sqlite_errorname in ("SQLITE_BUSY", "SQLITE_LOCKED"):
-                return False
+                return None
             raise
-        return True
+        return min(row[0] for row in rows)
 
     async def _write_loop(self) -> None:
         """Write whatever is pending, batch after batch, until closed and drained."""
@@ -359,10 +461,12 @@ class SqliteStore(Store):
         bodies = _array([body for body, _, _, _ in batch])
         metas = "[" + ",".join(meta for _, meta, _, _ in batch) + "]"
         try:
-            if synced or not self._append_inline(bodies, metas):
+            first = None if synced else self._append_inline(bodies, metas)
+            if first is None:
                 db = self._synced_db if synced else self._db
                 assert db is not None
-                await db.execute(_APPEND, (bodies, chain.GENESIS, metas))
+                rows = await db.execute_fetchall(_APPEND, (bodies, chain.GENESIS, metas))
+                first = min(row[0] for row in rows)  # linked in order: seqs first, first + 1, ...
         except Exception as exc:  # every failure is the waiting callers' to hear; the writer lives on
             action = (
                 "the entry was not recorded" if len(batch) == 1 else f"{len(batch)} entries were not recorded"
@@ -373,15 +477,14 @@ class SqliteStore(Store):
                     error.__cause__ = exc
                     done.set_exception(error)
             return
-        for *_, done in batch:
+        for index, (*_, done) in enumerate(batch):
             if not done.done():
-                done.set_result(None)
+                done.set_result(first + index)
 
     # reading ------------------------------------------------------------------------------------
 
     async def query(self, flt: AuditFilter) -> list[AuditRecord]:
-        if self._db is None:
-            raise AuditError(f"audit store {self.path}: is not open")
+        db = self._open_db()
         where, params = _where(flt)
         sql = f"SELECT seq, prev_hash, hash, body FROM audit{where} ORDER BY seq"
         if flt.limit is not None:
@@ -391,33 +494,213 @@ class SqliteStore(Store):
             sql = f"SELECT * FROM ({newest}) ORDER BY seq"
             params.append(flt.limit)
         try:
-            rows = await self._db.execute_fetchall(sql, params)
+            rows = await db.execute_fetchall(sql, params)
         except sqlite3.Error as exc:
             raise self._error("cannot read it", exc) from exc
-        records = []
-        for seq, prev_hash, digest, body in rows:
-            try:
-                event = chain.decode(body)
-            except AuditError as exc:
-                raise AuditError(
-                    f"audit store {self.path}: entry {seq}: {exc}; run `mcp-guard audit verify`"
-                ) from exc
-            records.append(AuditRecord(seq, prev_hash.hex(), digest.hex(), body, event))
-        return records
+        return [self._record(row) for row in rows]
 
-    async def verify(self) -> VerifyReport:
-        """Stream every entry through `chain.Verifier` from one read snapshot, on its own connection."""
-        verifier = chain.Verifier()
+    async def entries(self, first: int, last: int) -> list[AuditRecord]:
+        rows = await self._read(
+            "SELECT seq, prev_hash, hash, body FROM audit WHERE seq BETWEEN ? AND ? ORDER BY seq",
+            (first, last),
+        )
+        return [self._record(row) for row in rows]
+
+    async def session_ids(self, prefix: str, limit: int) -> list[str]:
+        if prefix:  # through the session index
+            sql = "SELECT session_id FROM audit WHERE session_id >= ? AND session_id < ? AND type = ?"
+            params: tuple[Any, ...] = (prefix, prefix + "\U0010ffff", "session_start", limit)
+        else:  # the newest first, from the end of the table
+            sql, params = "SELECT session_id FROM audit WHERE type = ?", ("session_start", limit)
+        rows = await self._read(f"{sql} ORDER BY seq DESC LIMIT ?", params)
+        return [str(row[0]) for row in rows]
+
+    async def call_ids(self, prefix: str, limit: int) -> list[str]:
+        rows = await self._read(
+            "SELECT DISTINCT call_id FROM audit WHERE call_id >= ? AND call_id < ? ORDER BY call_id LIMIT ?",
+            (prefix, prefix + "\U0010ffff", limit),
+        )
+        return [str(row[0]) for row in rows]
+
+    def _record(self, row: Any) -> AuditRecord:
+        seq, prev_hash, digest, body = row
+        try:
+            event = chain.decode(body)
+        except AuditError as exc:
+            raise AuditError(
+                f"audit store {self.path}: entry {seq}: {exc}; run `mcp-guard audit verify`"
+            ) from exc
+        return AuditRecord(seq, prev_hash.hex(), digest.hex(), body, event)
+
+    def _open_db(self) -> aiosqlite.Connection:
+        if self._db is None:
+            raise AuditError(f"audit store {self.path}: is not open")
+        return self._db
+
+    @asynccontextmanager
+    async def _snapshot(self) -> AsyncIterator[aiosqlite.Connection]:
+        """A read-only connection holding one read transaction: every query sees the same entries."""
+        self._open_db()
         try:
             async with aiosqlite.connect(self.path.absolute().as_uri() + "?mode=ro", uri=True) as db:
                 await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
-                async with db.execute(_VERIFY) as cursor:
-                    while rows := await cursor.fetchmany(_VERIFY_CHUNK):
-                        if not verifier.feed(rows):
-                            break
+                await db.execute("BEGIN")
+                try:
+                    yield db
+                finally:
+                    await db.rollback()
         except sqlite3.Error as exc:
             raise self._error("cannot read it", exc) from exc
-        return verifier.report()
+
+    async def calls(self, flt: CallFilter) -> AsyncGenerator[list[AuditRecord], None]:
+        sql, params = _calls_sql(flt)
+        async with self._snapshot() as db:
+            if flt.limit is not None:
+                rows = list(reversed(list(await db.execute_fetchall(sql, params))))
+                chunks = [rows[i : i + _CALLS_CHUNK] for i in range(0, len(rows), _CALLS_CHUNK)]
+                for part in chunks:
+                    for call in await self._gather_calls(db, part):
+                        yield call
+                return
+            async with db.execute(sql, params) as cursor:
+                while chunk := await cursor.fetchmany(_CALLS_CHUNK):
+                    for call in await self._gather_calls(db, chunk):
+                        yield call
+
+    async def _gather_calls(self, db: aiosqlite.Connection, chunk: Any) -> list[list[AuditRecord]]:
+        """Every entry of the calls named in `chunk` ((request seq, call_id) rows), in that order."""
+        ids = list(dict.fromkeys(row[1] for row in chunk))
+        marks = ", ".join("?" * len(ids))
+        rows = list(
+            await db.execute_fetchall(
+                f"SELECT seq, prev_hash, hash, body FROM audit WHERE call_id IN ({marks}) ORDER BY seq", ids
+            )
+        )
+        grouped: dict[str, list[AuditRecord]] = {call_id: [] for call_id in ids}
+        for row in rows:
+            record = self._record(row)
+            grouped[str(record.event.call_id)].append(record)
+        return [entries for entries in grouped.values() if entries]
+
+    async def stats(self, flt: CallFilter) -> list[StatsRow]:
+        matched, params = _calls_sql(flt, columns="r.call_id, r.identity, r.ts", ordered=False)
+        sql = f"""
+            SELECT m.identity, substr(m.ts, 1, 10) AS day, count(*),
+                coalesce(sum(o.kind IS NOT NULL AND o.kind <> 'read'), 0),
+                coalesce(sum(o.decision = 'deny'), 0),
+                coalesce(sum(CAST(o.body AS TEXT) ->> '$.detail.status' = 'error'), 0),
+                coalesce(sum(o.decision = 'approve' OR EXISTS (
+                    SELECT 1 FROM audit AS a WHERE a.call_id = m.call_id AND a.type LIKE 'approval%'
+                )), 0),
+                coalesce(sum(CAST(o.body AS TEXT) ->> '{MASKED_CELLS}'), 0)
+            FROM ({matched}) AS m
+            LEFT JOIN audit AS o ON o.call_id = m.call_id AND o.type = 'outcome'
+            GROUP BY 1, 2 ORDER BY 2, 1"""
+        async with self._snapshot() as db:
+            rows = await db.execute_fetchall(sql, params)
+        return [StatsRow(str(row[0]), str(row[1]), *(int(value) for value in row[2:])) for row in rows]
+
+    async def verify(
+        self, *, base: tuple[int, bytes] | None = None, watch: Collection[int] = ()
+    ) -> VerifyReport:
+        """Stream every entry through `chain.Verifier`; a large store is split into seq ranges verified in
+        parallel processes, whose seams are checked here (each range's first prev_hash against the hash
+        the range before ended on)."""
+        start = base[0] + 1 if base else 1
+        head = await self.head()
+        last = head[0] if head else 0
+        workers = min(self.verify_workers, (last - start + 1) // _PARALLEL_MIN)
+        if workers <= 1:
+            async with self._snapshot() as db:
+                return await _verify_rows(db, chain.Verifier(base, watch), start, max(last, start))
+        bounds = [start + (last - start + 1) * k // workers for k in range(workers + 1)]
+        loop = asyncio.get_running_loop()
+        context = multiprocessing.get_context("spawn")  # no fork of a process holding threads
+        with ProcessPoolExecutor(workers, mp_context=context) as pool:
+            parts = await asyncio.gather(
+                *(
+                    loop.run_in_executor(pool, _verify_range, str(self.path), lo, hi - 1, frozenset(watch))
+                    for lo, hi in itertools.pairwise(bounds)
+                )
+            )
+        return _join(parts, base)
+
+    async def head(self) -> tuple[int, str] | None:
+        rows = await self._read("SELECT seq, hash FROM audit ORDER BY seq DESC LIMIT 1")
+        return (rows[0][0], rows[0][1].hex()) if rows else None
+
+    async def first_seq(self) -> int | None:
+        rows = await self._read("SELECT seq FROM audit ORDER BY seq LIMIT 1")
+        return int(rows[0][0]) if rows else None
+
+    async def entry_hash(self, seq: int) -> str | None:
+        rows = await self._read("SELECT hash FROM audit WHERE seq = ?", (seq,))
+        return rows[0][0].hex() if rows and isinstance(rows[0][0], bytes) else None
+
+    async def first_at_or_after(self, ts: str) -> int | None:
+        """The oldest entry recorded at `ts` or later (for pruning by date)."""
+        rows = await self._read("SELECT min(seq) FROM audit WHERE ts >= ?", (_utc("before", ts),))
+        return int(rows[0][0]) if rows and rows[0][0] is not None else None
+
+    async def _read(self, sql: str, params: tuple[Any, ...] = ()) -> Any:
+        try:
+            return await self._open_db().execute_fetchall(sql, params)
+        except sqlite3.Error as exc:
+            raise self._error("cannot read it", exc) from exc
+
+    # checkpoints --------------------------------------------------------------------------------
+
+    async def add_checkpoint(self, checkpoint: StoredCheckpoint) -> None:
+        try:
+            await self._open_db().execute(
+                "INSERT INTO checkpoint (entries, head, text) VALUES (?, ?, ?)",
+                (checkpoint.entries, bytes.fromhex(checkpoint.head), checkpoint.text),
+            )
+        except sqlite3.Error as exc:
+            raise self._error("cannot record the checkpoint", exc) from exc
+
+    async def checkpoints(self) -> list[StoredCheckpoint]:
+        rows = await self._read("SELECT entries, head, text FROM checkpoint ORDER BY entries, id")
+        return [
+            StoredCheckpoint(int(entries), head.hex() if isinstance(head, bytes) else str(head), str(text))
+            for entries, head, text in rows
+        ]
+
+    async def prune(self, checkpoint: StoredCheckpoint) -> int:
+        """One transaction on its own connection: keep the checkpoint, then remove what it vouches for."""
+        self._open_db()
+        try:
+            async with aiosqlite.connect(self.path, isolation_level=None) as db:
+                await db.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout * 1000)}")
+                await db.execute("BEGIN IMMEDIATE")
+                try:
+                    head = list(
+                        await db.execute_fetchall(
+                            "SELECT hash, (SELECT max(seq) FROM audit) FROM audit WHERE seq = ?",
+                            (checkpoint.entries,),
+                        )
+                    )
+                    if not head or head[0][0] != bytes.fromhex(checkpoint.head):
+                        raise AuditError(
+                            f"audit store {self.path}: entry {checkpoint.entries} is not the one the "
+                            "checkpoint vouches for; nothing was removed"
+                        )
+                    if head[0][1] == checkpoint.entries:
+                        raise UsageError("the newest entry is always kept; nothing was removed")
+                    await db.execute(
+                        "INSERT INTO checkpoint (entries, head, text) VALUES (?, ?, ?)",
+                        (checkpoint.entries, bytes.fromhex(checkpoint.head), checkpoint.text),
+                    )
+                    cursor = await db.execute("DELETE FROM audit WHERE seq <= ?", (checkpoint.entries,))
+                    removed = cursor.rowcount
+                    await db.execute("DELETE FROM checkpoint WHERE entries < ?", (checkpoint.entries,))
+                    await db.execute("COMMIT")
+                except BaseException:
+                    await db.rollback()
+                    raise
+        except sqlite3.Error as exc:
+            raise self._error("cannot prune it", exc) from exc
+        return int(removed)
 
     # approvals (store/sqlite_approvals.py) ------------------------------------------------------
 
@@ -466,6 +749,10 @@ class SqliteStore(Store):
         if self._db is None or self._closing:
             raise AuditError(f"audit store {self.path}: is not open")
 
+    async def _approval_appended(self, seq: int) -> None:
+        if self._after_append is not None:
+            await self._after_append(seq)
+
     # errors -------------------------------------------------------------------------------------
 
     def _error(self, action: str, exc: BaseException) -> AuditError:
@@ -479,10 +766,79 @@ class SqliteStore(Store):
         return AuditError(f"audit store {self.path}: {action}: {cause}")
 
 
+async def _verify_rows(db: aiosqlite.Connection, verifier: chain.Verifier, lo: int, hi: int) -> VerifyReport:
+    async with db.execute(_VERIFY, (lo, hi)) as cursor:
+        # SQLite reads the next chunk in aiosqlite's thread while this one is hashed here
+        pending = asyncio.ensure_future(cursor.fetchmany(_VERIFY_CHUNK))
+        while rows := await pending:
+            pending = asyncio.ensure_future(cursor.fetchmany(_VERIFY_CHUNK))
+            if not verifier.feed(rows):
+                await pending
+                break
+    return verifier.report()
+
+
+@dataclass(frozen=True, slots=True)
+class _Range:
+    """What one process found in entries lo..hi: the prev_hash its first entry claims, and its report."""
+
+    lo: int
+    first_prev: bytes | None
+    report: VerifyReport
+
+
+def _verify_range(path: str, lo: int, hi: int, watch: frozenset[int]) -> _Range:
+    """In a worker process: verify entries lo..hi as if the first one's prev_hash were right."""
+    db = sqlite3.connect(Path(path).absolute().as_uri() + "?mode=ro", uri=True)
+    try:
+        db.execute("BEGIN")
+        cursor = db.execute(_VERIFY, (lo, hi))
+        rows = cursor.fetchmany(_VERIFY_CHUNK)
+        first_prev = rows[0][1] if rows and rows[0][0] == lo and isinstance(rows[0][1], bytes) else None
+        verifier = chain.Verifier((lo - 1, first_prev or chain.GENESIS), watch)
+        while rows and verifier.feed(rows):
+            rows = cursor.fetchmany(_VERIFY_CHUNK)
+        return _Range(lo, first_prev, verifier.report())
+    finally:
+        db.close()
+
+
+def _join(parts: list[_Range], base: tuple[int, bytes] | None) -> VerifyReport:
+    """One report from consecutive ranges: each must begin where the one before ended."""
+    expected = base[1] if base else chain.GENESIS
+    watched: dict[int, str] = {}
+    done = parts[0].report
+    for part in parts:
+        report = part.report
+        if part.first_prev is not None and part.first_prev != expected:
+            problem = (
+                "prev_hash is not the genesis value (edited, or entries before it removed)"
+                if part.lo == 1
+                else f"prev_hash does not match entry {part.lo - 1} (inserted or reordered)"
+            )
+            report = VerifyReport(
+                False, part.lo - 1, done.head_hash, part.lo, f"entry {part.lo}: {problem}", done.first_seq
+            )
+        watched.update(report.watched)
+        done = VerifyReport(
+            report.ok,
+            report.entries,
+            report.head_hash if report.entries >= part.lo else done.head_hash,
+            report.first_bad_seq,
+            report.problem,
+            parts[0].report.first_seq,
+            {seq: digest for seq, digest in watched.items() if seq <= report.entries},
+        )
+        if not report.ok:
+            break
+        expected = bytes.fromhex(report.head_hash) if report.head_hash else expected
+    return done
+
+
 def _where(flt: AuditFilter) -> tuple[str, list[Any]]:
     """SQL conditions and parameters for every field of the filter that is set."""
     conditions, params = [], []
-    for column in ("session_id", "identity", "tool", "decision", "call_id", "type"):
+    for column in ("session_id", "identity", "tool", "decision", "call_id", "type", "connection", "kind"):
         value = getattr(flt, column)
         if value is not None:
             conditions.append(f"{column} = ?")
@@ -492,7 +848,70 @@ def _where(flt: AuditFilter) -> tuple[str, list[Any]]:
         if value is not None:
             conditions.append(f"ts {operator} ?")
             params.append(_utc(name, value))
+    if flt.table is not None:
+        conditions.append(_TABLE_MATCH.format(alias=""))
+        params.extend([flt.table.lower()] * 3)
     return (" WHERE " + " AND ".join(conditions) if conditions else ""), params
+
+
+MASKED_CELLS = "$.detail.masked_cells"
+"""Where an outcome records how many cells masking replaced (counted by `stats`)."""
+
+# A table name matches itself and, unqualified, any schema's table of that name.
+_TABLE_MATCH = (
+    "{alias}tables IS NOT NULL AND EXISTS (SELECT 1 FROM json_each({alias}tables) AS t"
+    " WHERE lower(t.value) = ? OR substr(lower(t.value), -length(?) - 1) = '.' || ?)"
+)
+
+# Entries a call gains between request and outcome (approvals) that name `approver`.
+_APPROVER_MATCH = (
+    "EXISTS (SELECT 1 FROM audit AS a WHERE a.call_id = r.call_id AND a.type NOT IN ('request', 'outcome')"
+    " AND (a.identity = ? OR CAST(a.body AS TEXT) ->> '$.detail.approver' = ?))"
+)
+
+
+def _calls_sql(
+    flt: CallFilter, columns: str = "r.seq, r.call_id", ordered: bool = True
+) -> tuple[str, list[Any]]:
+    """The requests of the calls that match, joined to their outcome when the filter asks about it."""
+    request, outcome, params = ["r.type = 'request'"], [], []
+    for column in ("session_id", "identity", "tool"):
+        value = getattr(flt, column)
+        if value is not None:
+            request.append(f"r.{column} = ?")
+            params.append(value)
+    for name, operator in (("since", ">="), ("until", "<")):
+        value = getattr(flt, name)
+        if value is not None:
+            request.append(f"r.ts {operator} ?")
+            params.append(_utc(name, value))
+    if flt.text:
+        request.append("instr(lower(CAST(r.body AS TEXT) ->> '$.detail.arguments.sql'), lower(?)) > 0")
+        params.append(flt.text)
+    if flt.approver is not None:
+        request.append(_APPROVER_MATCH)
+        params.extend([flt.approver] * 2)
+    outcome_params: list[Any] = []
+    for column in ("connection", "decision", "kind"):
+        value = getattr(flt, column)
+        if value is not None:
+            outcome.append(f"o.{column} = ?")
+            outcome_params.append(value)
+    if flt.writes:
+        outcome.append("o.kind IS NOT NULL AND o.kind <> 'read'")
+    if flt.table is not None:
+        outcome.append(_TABLE_MATCH.format(alias="o."))
+        outcome_params.extend([flt.table.lower()] * 3)
+    sql = f"SELECT {columns} FROM audit AS r"
+    if outcome:
+        sql += " JOIN audit AS o ON o.call_id = r.call_id AND o.type = 'outcome'"
+    sql += " WHERE " + " AND ".join(request + outcome)
+    params += outcome_params
+    if flt.limit is not None:
+        if flt.limit < 0:
+            raise UsageError(f"limit must be 0 or more, not {flt.limit}")
+        return f"{sql} ORDER BY r.seq DESC LIMIT ?", [*params, flt.limit]
+    return (f"{sql} ORDER BY r.seq" if ordered else sql), params
 
 
 def _utc(name: str, value: str) -> str:

@@ -17,8 +17,9 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager, suppress
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -95,7 +96,8 @@ class _Watch(ChangeWatch):
 
 
 class SqliteApprovals:
-    """The approval half of `SqliteStore`; `append_sql` and `error` are the store's own."""
+    """The approval half of `SqliteStore`: `append_sql` and `meta` (an entry's indexed columns) are
+    its chained insert, `appended` is told each committed entry's seq, `error` words failures."""
 
     def __init__(
         self,
@@ -104,12 +106,16 @@ class SqliteApprovals:
         busy_timeout: float,
         synchronous: str,
         append_sql: str,
+        meta: Callable[[AuditEvent], str],
+        appended: Callable[[int], Awaitable[None]],
         error: Callable[[str, BaseException], AuditError],
     ) -> None:
         self._path = path
         self._busy_timeout = busy_timeout
         self._synchronous = synchronous
         self._append_sql = append_sql
+        self._meta = meta
+        self._appended = appended
         self._error = error
         self._db: aiosqlite.Connection | None = None
         self._opening = asyncio.Lock()
@@ -154,14 +160,16 @@ class SqliteApprovals:
             return self._db
 
     @asynccontextmanager
-    async def _transaction(self) -> AsyncIterator[aiosqlite.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; any exception, or `_Abort`, rolls back."""
+    async def _transaction(self) -> AsyncIterator[_Transaction]:
+        """BEGIN IMMEDIATE ... COMMIT; any exception, or `_Abort`, rolls back. After the commit the
+        store hears of the entries appended (its checkpointer counts them)."""
         db = await self._connection()
+        transaction = _Transaction(db)
         async with self._lock:
             try:
                 await db.execute("BEGIN IMMEDIATE")
                 try:
-                    yield db
+                    yield transaction
                 except BaseException:
                     await db.execute("ROLLBACK")
                     raise
@@ -169,23 +177,24 @@ class SqliteApprovals:
             except sqlite3.Error as exc:
                 raise self._error("the approval change was not recorded", exc) from exc
         self._signal()
+        for seq in transaction.appended:
+            await self._appended(seq)
 
-    async def _append(self, db: aiosqlite.Connection, event: AuditEvent) -> None:
-        """The store's chained insert, for one entry: its body, and its indexed fields beside it."""
+    async def _append(self, transaction: _Transaction, event: AuditEvent) -> None:
+        """The store's chained insert, for one entry: its body, and its indexed columns beside it."""
         body = chain.canonical(event).decode()
-        fields = event.as_dict()
-        meta = [[fields[name] for name in chain.INDEXED]]
-        await db.execute(
+        rows = await transaction.db.execute_fetchall(  # RETURNING: read to the end before COMMIT
             self._append_sql,
-            (json.dumps([body], ensure_ascii=False), chain.GENESIS, json.dumps(meta, ensure_ascii=False)),
+            (json.dumps([body], ensure_ascii=False), chain.GENESIS, f"[{self._meta(event)}]"),
         )
+        transaction.appended.extend(int(row[0]) for row in rows)
 
     # writes -------------------------------------------------------------------------------------
 
     async def add(self, request: ApprovalRequest, event: AuditEvent) -> None:
-        async with self._transaction() as db:
-            await self._append(db, event)
-            await db.execute(
+        async with self._transaction() as tx:
+            await self._append(tx, event)
+            await tx.db.execute(
                 f"INSERT INTO approval_requests ({_REQUEST_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                 (
                     request.id,
@@ -207,8 +216,8 @@ class SqliteApprovals:
 
     async def add_vote(self, vote: Vote, event: AuditEvent, unexpired_at: str) -> bool:
         try:
-            async with self._transaction() as db:
-                cursor = await db.execute(
+            async with self._transaction() as tx:
+                cursor = await tx.db.execute(
                     _ADD_VOTE,
                     (
                         vote.request_id,
@@ -223,7 +232,7 @@ class SqliteApprovals:
                 )
                 if cursor.rowcount != 1:
                     raise _Abort
-                await self._append(db, event)
+                await self._append(tx, event)
         except _Abort:
             return False
         return True
@@ -247,22 +256,22 @@ class SqliteApprovals:
             sql += " AND expires_at > ?"
             params.append(unexpired_at)
         try:
-            async with self._transaction() as db:
-                cursor = await db.execute(sql, params)
+            async with self._transaction() as tx:
+                cursor = await tx.db.execute(sql, params)
                 if cursor.rowcount != 1:
                     raise _Abort
-                await self._append(db, event)
+                await self._append(tx, event)
         except _Abort:
             return False
         return True
 
     async def finish(self, request_id: str, outcome: Mapping[str, JsonValue], event: AuditEvent) -> None:
-        async with self._transaction() as db:
-            await db.execute(
+        async with self._transaction() as tx:
+            await tx.db.execute(
                 "UPDATE approval_requests SET outcome = ? WHERE id = ? AND state = 'executed'",
                 (json.dumps(dict(outcome), ensure_ascii=False), request_id),
             )
-            await self._append(db, event)
+            await self._append(tx, event)
 
     # reads --------------------------------------------------------------------------------------
 
@@ -354,6 +363,12 @@ class SqliteApprovals:
     def _signal(self) -> None:
         for watch in self._watches:
             watch.signal()
+
+
+@dataclass(slots=True)
+class _Transaction:
+    db: aiosqlite.Connection
+    appended: list[int] = field(default_factory=list)
 
 
 class _Abort(Exception):
