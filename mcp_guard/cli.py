@@ -7,11 +7,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import json
 import logging
 import os
 import sys
-from collections.abc import Sequence
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -22,7 +25,10 @@ from rich.table import Table
 from mcp_guard.classify import StatementKind, classify
 from mcp_guard.config import Config, config_path_from_env, demo_config, load_config
 from mcp_guard.errors import ConfigError, GuardError, UsageError
-from mcp_guard.policy import decide
+from mcp_guard.policy import decide, needs_estimate
+
+if TYPE_CHECKING:
+    from mcp_guard.approvals import Actor, Approvals, Verdict
 
 if TYPE_CHECKING:
     from mcp_guard.identity import Identity
@@ -160,6 +166,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         from mcp_guard.policy import Decision
 
         decision = Decision("deny", QUERY_READS_ONLY, "query runs reads only")
+    elif tool == "query" and decision.held:
+        from mcp_guard.policy import Decision
+
+        decision = Decision("deny", decision.rule, "held reads run through execute only")
     masking = _check_masking(config, connection, classification, groups) if decision.allowed else None
     if masking is not None and any(m.get("refused") for m in masking):
         from mcp_guard.policy import Decision
@@ -201,13 +211,24 @@ def cmd_check(args: argparse.Namespace) -> int:
         console.print(table)
         for index, entry in enumerate(masking or [], 1):
             _print_masking(console, index, entry)
-        colour = "green" if decision.allowed else "red"
+        colour = "green" if decision.allowed else "yellow" if decision.held else "red"
         if decision.statement_index is not None and len(classification.statements) > 1:
             console.print(f"statement {decision.statement_index + 1} decides the call")
         console.print(
             f"[{colour}]{tool}: {decision.action}[/] by rule [bold]{escape(decision.rule)}[/]: "
             f"{escape(decision.reason)}"
         )
+        if decision.hold is not None:
+            needs = "; ".join(r.describe() for r in decision.hold.requirements)
+            console.print(f"held for reviewers: {escape(needs)}, within {decision.hold.ttl:g} s")
+        if any(
+            needs_estimate(config.settings.policy, s, tool=tool, connection=connection, groups=groups)
+            for s in classification.statements
+        ):
+            console.print(
+                "[dim]row estimates come from the database, which check does not ask: rules on row "
+                "counts were taken to match[/]"
+            )
     return EXIT_OK if decision.allowed else EXIT_FAILED
 
 
@@ -277,6 +298,151 @@ def _print_masking(console: Console, index: int, entry: dict[str, Any]) -> None:
             escape(", ".join(column["sources"]) + (" (unresolved)" if column["unresolved"] else "")),
         )
     console.print(table)
+
+
+# approvals --------------------------------------------------------------------------------------
+
+
+@asynccontextmanager
+async def _approvals(args: argparse.Namespace) -> AsyncIterator[tuple[Config, Approvals]]:
+    """The configuration's reviewers and policy over its store (or --store): what reviewers act on."""
+    from mcp_guard.approvals import Approvals
+    from mcp_guard.reviewers import KeyVerifier
+    from mcp_guard.store import open_store
+
+    config = _config(args)
+    store = open_store(args.store or config.audit_url)
+    await store.open()
+    try:
+        yield config, Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
+    finally:
+        await store.close()
+
+
+def _actor(reviewer: str | None = None) -> Actor:
+    """Who records what a reviewer's command notices (an expiry, a vote), in its own session."""
+    from mcp_guard.approvals import Actor
+    from mcp_guard.identity import local_identity
+
+    return Actor(reviewer or local_identity().subject, f"review-{uuid.uuid4()}")
+
+
+def _reviewer_name(args: argparse.Namespace) -> str:
+    return args.reviewer or getpass.getuser()
+
+
+def cmd_pending(args: argparse.Namespace) -> int:
+    from mcp_guard.approvals import ApprovalState
+    from mcp_guard.review import describe
+
+    async def run() -> list[Any]:
+        async with _approvals(args) as (_, approvals):
+            states = None if args.all else [ApprovalState.PENDING]
+            return await approvals.listing(_actor(), states, limit=args.limit)
+
+    requests = asyncio.run(run())
+    if args.json:
+        print(json.dumps([r.summary() for r in requests], indent=2, ensure_ascii=False))
+        return EXIT_OK
+    table = Table(title=f"{len(requests)} request(s)", title_justify="left")
+    for column in ("id", "state", "age", "requester", "connection", "kind", "rows", "needs", "sql / reason"):
+        table.add_column(column, overflow="fold")
+    for request in requests:
+        table.add_row(
+            request.id,
+            str(request.state),
+            describe.span(describe.seconds_since(request.created_at)),
+            describe.visible(request.requester),
+            request.connection,
+            describe.kind(request),
+            describe.estimate(request),
+            "; ".join(r.describe() for r in request.requirements),
+            escape(describe.one_line(describe.sql(request), 72))
+            + f"\n[dim]reason: {escape(describe.one_line(describe.visible(request.reason), 64))}[/]",
+        )
+    Console().print(table)
+    return EXIT_OK
+
+
+def _decide(args: argparse.Namespace, verdict: Verdict, reason: str) -> int:
+    from rich.syntax import Syntax
+
+    from mcp_guard.approvals import ApprovalState
+    from mcp_guard.review import describe
+    from mcp_guard.reviewers import read_passphrase, unlock
+
+    console = Console()
+    name = _reviewer_name(args)
+
+    async def run() -> tuple[Any, Any]:
+        async with _approvals(args) as (_, approvals):
+            reviewer = approvals.verifier.reviewer(name)
+            actor = _actor(reviewer.subject if reviewer else None)
+            request = await approvals.get(args.request_id, actor)
+            approvals.check_reviewer(request, name)  # before the passphrase is asked
+            assert reviewer is not None
+            console.print(Syntax(describe.sql(request), "sql", theme="ansi_dark", word_wrap=True))
+            for label, value in describe.facts(request):
+                console.print(f"[bold]{label:>12}[/] {escape(value)}")
+            passphrase = read_passphrase(f"Passphrase of reviewer {name} to {verdict} {request.id}: ")
+            signer = await asyncio.to_thread(unlock, reviewer, passphrase)
+            return await approvals.vote(request.id, signer, verdict, reason, actor.session_id)
+
+    request, counted = asyncio.run(run())
+    if request.state is ApprovalState.APPROVED:
+        console.print(
+            f"[green]approved[/] request {request.id} ({escape(counted.describe())}); the waiting call runs "
+            "it now, or the assistant's approval_status call will, once"
+        )
+    elif request.state is ApprovalState.DENIED:
+        console.print(f"[red]denied[/] request {request.id}: {escape(reason)}")
+    else:
+        console.print(f"recorded your {verdict} on request {request.id}; so far {escape(counted.describe())}")
+    return EXIT_OK
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    return _decide(args, "approve", args.comment or "")
+
+
+def cmd_deny(args: argparse.Namespace) -> int:
+    if not args.reason.strip():
+        raise UsageError("--reason must say why: the assistant and the requester are told it")
+    return _decide(args, "deny", args.reason)
+
+
+def cmd_review(args: argparse.Namespace) -> int:
+    from mcp_guard.review.app import ReviewApp
+
+    name = _reviewer_name(args)
+
+    async def run() -> None:
+        async with _approvals(args) as (_, approvals):
+            reviewer = approvals.verifier.reviewer(name)
+            if reviewer is None:
+                raise UsageError(
+                    f"{name!r} is not a reviewer in this configuration; enrol with `mcp-guard reviewer init "
+                    f"{name}` or pass --reviewer NAME (see docs/approvals.md)"
+                )
+            await ReviewApp(approvals, reviewer, f"review-{uuid.uuid4()}").run_async()
+
+    asyncio.run(run())
+    return EXIT_OK
+
+
+def cmd_reviewer_init(args: argparse.Namespace) -> int:
+    from mcp_guard.reviewers import enroll, read_passphrase
+
+    passphrase = read_passphrase(f"New passphrase for reviewer {args.name} (at least 12 characters): ")
+    if read_passphrase("The same passphrase again: ") != passphrase:
+        raise UsageError("the two passphrases differ; nothing was created")
+    key = enroll(passphrase, args.cost)
+    groups = ", ".join(json.dumps(group) for group in (args.group or ["reviewers"]))
+    print(
+        f"# Add to the server's configuration; the key holds no secret (docs/approvals.md).\n"
+        f"[approvals.reviewers.{args.name}]\nkey = \"{key}\"\ngroups = [{groups}]"
+    )
+    return EXIT_OK
 
 
 # demo -------------------------------------------------------------------------------------------
@@ -352,6 +518,39 @@ def build_parser() -> argparse.ArgumentParser:
     )
     installer.add_argument("--file", help="client configuration file to edit (default: the client's own)")
     installer.set_defaults(handler=cmd_install)
+
+    def with_store_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_config(p)
+        p.add_argument("--store", help="audit store URL (default: from the configuration)")
+        return p
+
+    def as_reviewer(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        with_store_url(p)
+        p.add_argument("--reviewer", help="reviewer name in the configuration (default: the local user name)")
+        return p
+
+    pending = with_store_url(commands.add_parser("pending", help="list requests held for approval"))
+    pending.add_argument("--all", action="store_true", help="recent requests in any state")
+    pending.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
+    pending.add_argument("--json", action="store_true", help="print JSON")
+    pending.set_defaults(handler=cmd_pending)
+    approve = as_reviewer(commands.add_parser("approve", help="approve a held request (asks a passphrase)"))
+    approve.add_argument("request_id")
+    approve.add_argument("--comment", help="recorded with the approval")
+    approve.set_defaults(handler=cmd_approve)
+    deny = as_reviewer(commands.add_parser("deny", help="deny a held request (asks your passphrase)"))
+    deny.add_argument("request_id")
+    deny.add_argument("--reason", required=True, help="why; the assistant and the requester are told")
+    deny.set_defaults(handler=cmd_deny)
+    review = as_reviewer(commands.add_parser("review", help="the reviewer's terminal UI, live"))
+    review.set_defaults(handler=cmd_review)
+    reviewer = commands.add_parser("reviewer", help="enrol a reviewer")
+    reviewer_commands = reviewer.add_subparsers(dest="reviewer_command", required=True, metavar="ACTION")
+    init = reviewer_commands.add_parser("init", help="choose a passphrase; print the key to configure")
+    init.add_argument("name", help="the reviewer's name (default for --reviewer: the local user name)")
+    init.add_argument("--group", action="append", help="approver group (repeatable; default: reviewers)")
+    init.add_argument("--cost", type=int, default=16, help="scrypt work factor, log2 N (14..20; default 16)")
+    init.set_defaults(handler=cmd_reviewer_init)
 
     from mcp_guard.audit.commands import register
     from mcp_guard.store.commands import register as register_store

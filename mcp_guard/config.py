@@ -21,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mcp_guard.backends.base import Limits
 from mcp_guard.classify import RiskFlag, StatementKind
 from mcp_guard.errors import ConfigError
+from mcp_guard.reviewers import Reviewer, ReviewerKey
 
 CONFIG_ENV = "MCP_GUARD_CONFIG"
 HOME_ENV = "MCP_GUARD_HOME"
@@ -78,11 +79,15 @@ class PolicyRule(_Model):
 
     name: Annotated[str, Field(min_length=1)]
     """Named in every decision and audit record."""
-    action: Literal["allow", "deny"]
+    action: Literal["allow", "deny", "approve"]
     kinds: tuple[StatementKind, ...] = ()
     """Statement kinds this rule applies to (any of)."""
     flags: tuple[RiskFlag, ...] = ()
     """Risk flags (any of)."""
+    operations: tuple[str, ...] = ()
+    """Operations (any of), e.g. `DELETE`, `UPDATE`, `DROP TABLE`; a write nested in a CTE counts too."""
+    rows_above: Annotated[int, Field(ge=0)] | None = None
+    """Matches a write whose estimated row count is above this number."""
     tables: tuple[str, ...] = ()
     """Table globs (any table of the statement matching any glob)."""
     connections: tuple[str, ...] = ()
@@ -92,29 +97,68 @@ class PolicyRule(_Model):
     tools: tuple[Literal["query", "execute"], ...] = ()
     """Tools this rule applies to."""
     message: str = ""
-    """Shown to the assistant when this rule denies."""
+    """Shown to the assistant when this rule denies or holds."""
+    approvers: tuple[str, ...] = ()
+    """`approve` rules: the reviewer groups whose members may decide."""
+    approvals: Annotated[int, Field(ge=1, le=100)] = 1
+    """`approve` rules: distinct reviewers who must approve."""
+    ttl: Annotated[float, Field(gt=0, le=30 * 86_400)] = 3600.0
+    """`approve` rules: seconds a request may wait for its decision and run after it; then it expires."""
 
+    @model_validator(mode="after")
+    def _approval_terms(self) -> PolicyRule:
+        terms = {"approvers", "approvals", "ttl"} & self.model_fields_set
+        if self.action != "approve" and terms:
+            raise ValueError(f"{', '.join(sorted(terms))}: only `approve` rules take approval terms")
+        if self.action == "approve" and not self.approvers:
+            raise ValueError("an `approve` rule needs `approvers`: the reviewer groups that may decide")
+        if self.action == "approve" and "query" in self.tools:
+            raise ValueError("only `execute` waits for reviewers; an `approve` rule cannot apply to `query`")
+        return self
+
+
+REVIEWERS_GROUP = "reviewers"
+"""The approver group of the default policy's approval rules."""
+
+DELETE_ROWS_HELD_ABOVE = 100
+"""The default policy holds a DELETE estimated to remove more rows than this."""
 
 DEFAULT_RULES: tuple[PolicyRule, ...] = (
     PolicyRule(
         name="deny-risky-kinds",
         action="deny",
         kinds=(
-            StatementKind.DDL,
             StatementKind.DCL,
             StatementKind.ADMIN,
             StatementKind.UNKNOWN,
             StatementKind.TRANSACTION,
             StatementKind.SESSION,
         ),
-        message="schema changes, permissions, administration, session or transaction control and "
-        "statements mcp-guard cannot classify are not allowed; ask a person with direct access",
+        message="permissions, administration, session or transaction control and statements mcp-guard "
+        "cannot classify are not allowed; ask a person with direct access",
     ),
     PolicyRule(
-        name="deny-write-without-where",
-        action="deny",
+        name="hold-ddl",
+        action="approve",
+        kinds=(StatementKind.DDL,),
+        approvers=(REVIEWERS_GROUP,),
+        message="schema changes wait for a reviewer's approval",
+    ),
+    PolicyRule(
+        name="hold-write-without-where",
+        action="approve",
         flags=(RiskFlag.WRITE_WITHOUT_WHERE,),
-        message="UPDATE and DELETE must have a WHERE clause that narrows the rows they change",
+        approvers=(REVIEWERS_GROUP,),
+        message="an UPDATE or DELETE without a WHERE clause changes every row; it waits for a reviewer",
+    ),
+    PolicyRule(
+        name="hold-large-delete",
+        action="approve",
+        operations=("DELETE",),
+        rows_above=DELETE_ROWS_HELD_ABOVE,
+        approvers=(REVIEWERS_GROUP,),
+        message=f"a DELETE of more than {DELETE_ROWS_HELD_ABOVE} rows (by the database's estimate) waits "
+        "for a reviewer",
     ),
     PolicyRule(name="allow-reads", action="allow", kinds=(StatementKind.READ,)),
     PolicyRule(
@@ -365,12 +409,56 @@ DEMO_MASKING = MaskingSettings(
 """The demo's sensitive columns; `customers.notes` is left to the content detectors."""
 
 
+class ReviewerSettings(_Model):
+    """A person who may approve or deny held statements, known by the public key of their passphrase."""
+
+    key: str
+    """The reviewer's public key, as printed by `mcp-guard reviewer init`."""
+    groups: tuple[str, ...] = ()
+    """Approver groups the reviewer belongs to, matched by `approvers` of approve rules."""
+    subject: str | None = None
+    """The identity the reviewer has as a requester (default `local:NAME`); nobody approves their own."""
+
+    @field_validator("key")
+    @classmethod
+    def _readable_key(cls, key: str) -> str:
+        ReviewerKey.parse(key)
+        return key
+
+
+class ApprovalSettings(_Model):
+    wait: Annotated[float, Field(ge=0, le=3600)] = 50.0
+    """Seconds an `execute` call waits for a held statement's decision before answering "pending"."""
+    reviewers: dict[str, ReviewerSettings] = {}
+    """Reviewers by name; `mcp-guard approve --reviewer NAME` (default: the local user name)."""
+
+    @field_validator("reviewers")
+    @classmethod
+    def _reviewer_names(cls, reviewers: dict[str, ReviewerSettings]) -> dict[str, ReviewerSettings]:
+        for name in reviewers:
+            if not name or not name.replace("_", "").replace("-", "").replace(".", "").isalnum():
+                raise ValueError(f"reviewer name {name!r} may hold only letters, digits, '-', '_' and '.'")
+        return reviewers
+
+    def reviewer_map(self) -> dict[str, Reviewer]:
+        return {
+            name: Reviewer(
+                name=name,
+                subject=settings.subject or f"local:{name}",
+                groups=frozenset(settings.groups),
+                key=ReviewerKey.parse(settings.key),
+            )
+            for name, settings in self.reviewers.items()
+        }
+
+
 class Settings(_Model):
     connections: dict[str, ConnectionSettings] = Field(min_length=1)
     policy: PolicySettings = PolicySettings()
     identity: IdentitySettings = IdentitySettings()
     audit: AuditSettings = AuditSettings()
     masking: MaskingSettings = MaskingSettings()
+    approvals: ApprovalSettings = ApprovalSettings()
 
     @field_validator("connections")
     @classmethod

@@ -86,6 +86,17 @@ _SECRET_PREFIXES = (
     r"glpat-|xox[abprs]-|npm_|hf_|AKIA|ASIA|AIza|SG\.|shpat_|pypi-"
 )
 
+_LITERALS = (
+    *"0123456789@",
+    "eyJ",
+    *("sk_", "rk_", "sk-", "gh", "github_pat_", "glpat-", "xox", "npm_", "hf_", "AKIA", "ASIA", "AIza"),
+    *("SG.", "shpat_", "pypi-"),
+)
+"""A superset of what any match contains: a digit or `@` (every detector but two), a JWT's `eyJ`, or
+the start of a secret prefix. A column holding none of them (names, statuses, most labels) is
+skipped with a few memchr-speed `in` tests instead of a regular expression pass, which costs
+about 1 ms per 80 KB per detector here."""
+
 _DETECTORS: tuple[tuple[DetectorName, str, Callable[[str], bool]], ...] = (
     ("jwt", r"eyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]*", _jwt),
     ("secret", rf"(?:{_SECRET_PREFIXES})[A-Za-z0-9_\-.]{{8,}}", _always),
@@ -174,11 +185,11 @@ class Detectors:
                 isinstance(value, int) and not isinstance(value, bool) and value >= 10**12
             ):
                 always.append(index)
+        joined = _SEPARATOR.join(strings)
+        if not any(literal in joined for literal in _LITERALS):
+            return always
         rows = [index for index, value in enumerate(values) if isinstance(value, str)]
-        hits = {
-            rows[bisect_right(starts, match.start()) - 1]
-            for match in self._pattern.finditer(_SEPARATOR.join(strings))
-        }
+        hits = {rows[bisect_right(starts, match.start()) - 1] for match in self._pattern.finditer(joined)}
         return sorted(hits.union(always))
 
     def _value(self, value: JsonValue) -> tuple[JsonValue, tuple[str, ...]]:

@@ -7,7 +7,10 @@
      ├── PolicyDenied           the policy refused the call; names the rule and the reason
      ├── BackendError           the database refused or failed; credentials already redacted
      │    └── StatementTimeout  the statement ran past its timeout and was cancelled
-     └── AuditError             the audit store could not record: the call is refused
+     ├── AuditError             the audit store could not record: the call is refused
+     └── ApprovalError          an approval step is refused: not pending, not a reviewer, one's own
+          │                     request, a missing or wrong proof, an illegal state transition
+          └── ApprovalExpired   the request outlived its time to live; it can no longer run
 
 Messages are written for the person (or model) who must act on them.
 """
@@ -59,3 +62,11 @@ class StatementTimeout(BackendError):
 
 class AuditError(GuardError):
     """The audit store could not record; no record, no access."""
+
+
+class ApprovalError(GuardError):
+    """An approval step is refused; the message says which rule of the lifecycle refused it."""
+
+
+class ApprovalExpired(ApprovalError):
+    """The request outlived its time to live without running; it never will."""

@@ -2,19 +2,22 @@
 
     1 audit the request (intent, committed before anything runs)
     2 classify the SQL, statement by statement
-    3 decide by policy (and by the tool: `query` runs reads only)
+    3 decide by policy (and by the tool: `query` runs reads only); writes are estimated first
+      when a rule looks at row counts
+    4 hold: store a pending request, wait for reviewers (approvals.py), run it only once approved
     5 run each statement alone with the least power that works
     6 mask: before the reads run, every reference to a relation with masked columns is rewritten
       into a masked derived table (what no rewrite can see is refused); after the rows come back,
       lineage notes which columns carry masked data and the content detectors scan text values
     7 audit the decision, the outcome and exactly what the assistant is shown
 
-Step 4 (approvals) slots in as it lands. Nothing here knows MCP: the server hands in a
-`CallContext` and gets a `ToolResult` back, whatever happened.
+Nothing here knows MCP: the server hands in a `CallContext` (and, for waits, a progress callback)
+and gets a `ToolResult` back, whatever happened.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import math
@@ -24,21 +27,41 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import anyio
+
+from mcp_guard.approvals import (
+    Actor,
+    ApprovalRequest,
+    Approvals,
+    ApprovalState,
+    Progress,
+    Tally,
+    json_strings,
+    unreachable,
+)
 from mcp_guard.backends import open_backend
-from mcp_guard.backends.base import Backend, JsonScalar, ResultSet
+from mcp_guard.backends.base import Backend, JsonScalar, ResultSet, WriteResult
 from mcp_guard.blind_spots import blind_spot
 from mcp_guard.catalog import Catalog
 from mcp_guard.classify import Classification, Statement, StatementKind, classify
 from mcp_guard.config import Config, ConnectionSettings
 from mcp_guard.detectors import Detectors
-from mcp_guard.errors import AuditError, ConfigError, GuardError, PolicyDenied, UsageError
+from mcp_guard.errors import ApprovalError, AuditError, ConfigError, GuardError, PolicyDenied, UsageError
 from mcp_guard.identity import Identity
 from mcp_guard.lineage import lineage
 from mcp_guard.masking import Masking
-from mcp_guard.policy import Decision, decide, decide_statement
+from mcp_guard.policy import Decision, Requirement, decide, decide_statement, needs_estimate
 from mcp_guard.protect import Protected, originals_record, protect
 from mcp_guard.redact import redact
-from mcp_guard.results import ToolResult, error_result, execute_result, query_result, text_table
+from mcp_guard.results import (
+    ToolResult,
+    error_result,
+    execute_result,
+    held_result,
+    query_result,
+    text_table,
+)
+from mcp_guard.reviewers import KeyVerifier
 from mcp_guard.rewrite import MASKING_RULE, MaskPlan, Rewritten, rewrite
 from mcp_guard.seal import SealError, load_key
 from mcp_guard.store import open_store
@@ -52,10 +75,12 @@ log = logging.getLogger(__name__)
 QUERY_READS_ONLY = "builtin:query-reads-only"
 METADATA_RULE = "builtin:metadata"
 UNAUTHENTICATED = "unauthenticated"
+REQUESTER_RULE = "builtin:approval-requester"
+MAX_REQUEST_ID = 64
 MAX_SQL_CHARS = 1_000_000
 MAX_PARAMS = 1_000
 MAX_RECORDED_ARGUMENTS = 2_000_000
-DURABLE_TOOLS = frozenset({"execute"})
+DURABLE_TOOLS = frozenset({"execute", "approval_status"})
 """Calls that change data: their audit entries are synced to disk before the call goes on."""
 
 
@@ -164,6 +189,7 @@ class Guard:
         self._audit_key = _audit_key(config)
         self._catalogs: dict[str, Catalog] = {}
         self._plans: dict[tuple[str, frozenset[str]], MaskPlan] = {}
+        self.approvals = Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
 
     @classmethod
     async def start(cls, config: Config) -> Guard:
@@ -266,9 +292,18 @@ class Guard:
         sql: str,
         reason: str,
         params: Sequence[JsonScalar] | None,
+        progress: Progress | None = None,
     ) -> ToolResult:
+        """`progress` hears from a call held for approval while it waits."""
         args = {"connection": connection, "sql": sql, "reason": reason, "params": list(params or [])}
-        return await self._run(ctx, "execute", args, self._execute)
+
+        async def step(ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
+            return await self._execute(ctx, call, args, progress)
+
+        return await self._run(ctx, "execute", args, step)
+
+    async def approval_status(self, ctx: CallContext, request_id: str) -> ToolResult:
+        return await self._run(ctx, "approval_status", {"request_id": request_id}, self._approval_status)
 
     async def record_rejected(self, ctx: CallContext, tool: str, arguments: object, message: str) -> None:
         """A call refused before any tool ran (unknown tool, arguments off the schema) is recorded too."""
@@ -327,6 +362,11 @@ class Guard:
             status = "denied"
             result = error_result(f"Denied: {denied}", call.call_id)
         except AuditError:
+            raise
+        except asyncio.CancelledError:  # the client gave up (a held call, say): its outcome is recorded
+            with anyio.CancelScope(shield=True):
+                result = error_result("Cancelled by the client.", call.call_id)
+                await self._record_outcome(ctx, call, "cancelled", result, time.perf_counter() - started)
             raise
         except GuardError as error:
             status = "error"
@@ -403,15 +443,16 @@ class Guard:
             self._opened.add(name)
         return backend
 
-    def _visible_kinds(self, ctx: CallContext, name: str, tool: str) -> list[str]:
-        """The statement kinds this identity may run on a connection through a tool, by policy."""
+    def _visible_kinds(self, ctx: CallContext, name: str, tool: str, action: str = "allow") -> list[str]:
+        """The statement kinds this identity may run on a connection through a tool, by policy
+        (`action="approve"`: the kinds it may run once a reviewer approves)."""
         allowed = []
         for kind in StatementKind:
             probe = Statement(text="", kind=kind, operation=str(kind).upper())
             decision = decide_statement(
                 self.config.settings.policy, probe, tool=tool, connection=name, groups=ctx.identity.groups
             )
-            if decision.allowed and (tool == "execute" or kind is StatementKind.READ):
+            if decision.action == action and (tool == "execute" or kind is StatementKind.READ):
                 allowed.append(str(kind))
         return allowed
 
@@ -420,7 +461,8 @@ class Guard:
         for name, conn in self.config.settings.connections.items():
             query_kinds = self._visible_kinds(ctx, name, "query")
             execute_kinds = self._visible_kinds(ctx, name, "execute")
-            if not query_kinds and not execute_kinds:
+            held_kinds = self._visible_kinds(ctx, name, "execute", "approve")
+            if not query_kinds and not execute_kinds and not held_kinds:
                 continue
             entries.append(
                 {
@@ -429,6 +471,7 @@ class Guard:
                     "description": conn.description,
                     "query": query_kinds,
                     "execute": execute_kinds,
+                    "execute_with_approval": held_kinds,
                     "row_limit": conn.row_limit,
                     "timeout_s": conn.timeout,
                 }
@@ -513,7 +556,10 @@ class Guard:
         return dict(plan.masks(relation)) if relation is not None else {}
 
     def _require_visible(self, ctx: CallContext, name: str) -> None:
-        if not self._visible_kinds(ctx, name, "query") and not self._visible_kinds(ctx, name, "execute"):
+        if not any(
+            self._visible_kinds(ctx, name, tool, action)
+            for tool, action in (("query", "allow"), ("execute", "allow"), ("execute", "approve"))
+        ):
             raise PolicyDenied(
                 f"identity {ctx.identity.subject} may not use connection {name!r}", rule=METADATA_RULE
             )
@@ -538,20 +584,78 @@ class Guard:
             raise UsageError("params can be bound to a single statement only; send one statement per call")
         return classification
 
-    def _decide(self, ctx: CallContext, call: _Call, name: str, classification: Classification) -> None:
+    def _decide(
+        self,
+        ctx: CallContext,
+        call: _Call,
+        name: str,
+        classification: Classification,
+        estimates: Sequence[int | None] | None = None,
+    ) -> Decision:
         decision = decide(
             self.config.settings.policy,
             classification,
-            tool=call.tool,
+            tool=call.tool if call.tool != "approval_status" else "execute",
             connection=name,
             groups=ctx.identity.groups,
+            estimates=estimates,
         )
         call.decision = decision
-        if not decision.allowed:
-            where = ""
-            if len(classification.statements) > 1 and decision.statement_index is not None:
-                where = f" (statement {decision.statement_index + 1})"
+        where = ""
+        if len(classification.statements) > 1 and decision.statement_index is not None:
+            where = f" (statement {decision.statement_index + 1})"
+        if decision.hold is not None:
+            why_not = unreachable(decision.hold, ctx.identity.subject, self.approvals.verifier)
+            if why_not is not None:
+                call.decision = Decision("deny", decision.rule, why_not, decision.statement_index)
+                raise PolicyDenied(f"{decision.reason}{where}, but {why_not}", rule=decision.rule)
+        elif not decision.allowed:
             raise PolicyDenied(f"rule {decision.rule!r}{where}: {decision.reason}", rule=decision.rule)
+        return decision
+
+    async def _estimates(
+        self,
+        ctx: CallContext,
+        call: _Call,
+        name: str,
+        conn: ConnectionSettings,
+        classification: Classification,
+        params: Any,
+        known: Sequence[int | None] | None = None,
+    ) -> list[int | None] | None:
+        """Rows each write would change, by the database's own estimate, where a rule that looks at
+        row counts could match; None where the database cannot say (those rules then fail closed).
+        With `known` (a held call, for its reviewers): every write not estimated yet."""
+        wanted = [
+            statement.kind is StatementKind.WRITE
+            and (
+                known[index] is None
+                if known is not None
+                else needs_estimate(
+                    self.config.settings.policy,
+                    statement,
+                    tool="execute",
+                    connection=name,
+                    groups=ctx.identity.groups,
+                )
+            )
+            for index, statement in enumerate(classification.statements)
+        ]
+        if not any(wanted):
+            return list(known) if known is not None else None
+        backend = await self._backend(name)
+        estimates: list[int | None] = []
+        for index, (statement, asked) in enumerate(zip(classification.statements, wanted, strict=True)):
+            estimate = known[index] if known is not None else None
+            if asked:
+                try:
+                    estimate = await backend.estimate_rows(statement, params, conn.limits)
+                except GuardError as error:
+                    shown = redact(str(error), self.config.secrets)
+                    log.info("no row estimate for call %s: %s", call.call_id, shown)
+            estimates.append(estimate)
+        call.summary["estimated_rows"] = list(estimates)
+        return estimates
 
     async def _query(self, ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
         name, conn = self._connection(args["connection"])
@@ -568,7 +672,14 @@ class Guard:
                 )
                 hint = "" if statement.kind is StatementKind.UNKNOWN else "; use execute for writes"
                 raise PolicyDenied(f"{call.decision.reason}{hint}", rule=QUERY_READS_ONLY)
-        self._decide(ctx, call, name, classification)
+        decision = self._decide(ctx, call, name, classification)
+        if decision.held:  # only execute can wait for a reviewer: fail closed
+            call.decision = Decision("deny", decision.rule, "held reads run through execute only")
+            raise PolicyDenied(
+                f"rule {decision.rule!r} holds this for a reviewer's approval ({decision.reason}); only "
+                "`execute` can wait for one",
+                rule=decision.rule,
+            )
         params = list(args["params"])
         reads = await self._mask_reads(ctx, call, name, classification, params)
         backend = await self._backend(name)
@@ -689,19 +800,35 @@ class Guard:
                 )
         return summary
 
-    async def _execute(self, ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
+    async def _execute(
+        self, ctx: CallContext, call: _Call, args: dict[str, Any], progress: Progress | None
+    ) -> ToolResult:
         name, conn = self._connection(args["connection"])
         call.connection = name
         reason = args["reason"]
         if not isinstance(reason, str) or not reason.strip():
             raise UsageError("reason is required: say which request of the user this change serves")
         classification = self._classify(call, name, args["sql"], args["params"])
-        self._decide(ctx, call, name, classification)
+        estimates = await self._estimates(ctx, call, name, conn, classification, args["params"])
+        decision = self._decide(ctx, call, name, classification, estimates)
         await self._mask_writes(ctx, call, name, classification, len(args["params"]))
+        statements = [s.text for s in classification.statements]
+        if decision.hold is not None:
+            held = (decision, classification, estimates, statements)
+            return await self._hold(ctx, call, *held, args, progress)
         backend = await self._backend(name)
-        results = await backend.write(
-            [s.text for s in classification.statements], args["params"], conn.limits
-        )
+        results = await backend.write(statements, args["params"], conn.limits)
+        return self._wrote(call, name, conn, classification, results)
+
+    def _wrote(
+        self,
+        call: _Call,
+        name: str,
+        conn: ConnectionSettings,
+        classification: Classification,
+        results: list[WriteResult],
+    ) -> ToolResult:
+        """After a write: the schema cache after DDL, detectors over returned rows, the summary."""
         kinds = {s.kind for s in classification.statements}
         if kinds - {StatementKind.READ, StatementKind.WRITE}:
             self._catalogs.pop(name, None)  # DDL may have changed what masking must know
@@ -710,7 +837,7 @@ class Guard:
             if result.returned is not None:
                 found = self.detectors.scan(result.returned.rows, range(len(result.returned.columns)))
                 detections += len(found)
-        call.summary = {"rows_affected": sum(r.rows_affected or 0 for r in results)}
+        call.summary["rows_affected"] = sum(r.rows_affected or 0 for r in results)
         if detections:
             call.summary["masking"] = {"detections": detections}
         return execute_result(call.call_id, name, results, conn.limits)
@@ -726,3 +853,177 @@ class Guard:
             reason = self._blind_spot(plan, statement, params) or masked_read_in_write(statement, plan)
             if reason is not None:
                 self._deny_masking(call, classification, index, reason)
+
+    # step 4: approvals --------------------------------------------------------------------------
+
+    async def _hold(
+        self,
+        ctx: CallContext,
+        call: _Call,
+        decision: Decision,
+        classification: Classification,
+        estimates: Sequence[int | None] | None,
+        statements: Sequence[str],
+        args: dict[str, Any],
+        progress: Progress | None,
+    ) -> ToolResult:
+        """Store the held call as a request bound to exactly these statements; wait for its decision."""
+        assert decision.hold is not None and call.connection is not None
+        actor = Actor(ctx.identity.subject, ctx.session_id)
+        _, conn = self._connection(call.connection)
+        unknown = estimates if estimates is not None else [None] * len(classification.statements)
+        estimates = await self._estimates(
+            ctx, call, call.connection, conn, classification, args["params"], known=unknown
+        )
+        details: dict[str, JsonValue] = {
+            "classification": classification.as_dict(),
+            "estimated_rows": list(estimates) if estimates is not None else None,
+            "policy": decision.reason,
+            "groups": json_strings(sorted(ctx.identity.groups)),
+        }
+        request = await self.approvals.hold(
+            actor,
+            call_id=call.call_id,
+            connection=call.connection,
+            statements=statements,
+            params=args["params"],
+            reason=args["reason"],
+            rule=decision.rule,
+            hold=decision.hold,
+            details=details,
+        )
+        request, counted = await self.approvals.wait(
+            request, decision.hold.requirements, self.config.settings.approvals.wait, actor, progress
+        )
+        return await self._resolve(ctx, call, request, decision.hold.requirements, counted, waited=True)
+
+    async def _approval_status(self, ctx: CallContext, call: _Call, args: dict[str, Any]) -> ToolResult:
+        request_id = args["request_id"]
+        if not isinstance(request_id, str) or not 0 < len(request_id.strip()) <= MAX_REQUEST_ID:
+            raise UsageError("request_id must be the id an execute call returned, such as '3f9a2c81d4'")
+        actor = Actor(ctx.identity.subject, ctx.session_id)
+        request = await self.approvals.get(request_id.strip(), actor)
+        call.connection = request.connection
+        call.summary["approval"] = {"request_id": request.id, "state": str(request.state)}
+        if request.requester != ctx.identity.subject:
+            call.decision = Decision("deny", REQUESTER_RULE, "not the requester")
+            raise PolicyDenied(
+                f"request {request.id} was made by {request.requester}; only the requester's own calls "
+                "may ask for it or run it",
+                rule=REQUESTER_RULE,
+            )
+        requirements: tuple[Requirement, ...] | None = ()
+        counted = None
+        if request.state in (ApprovalState.PENDING, ApprovalState.APPROVED):
+            requirements = await self._requirements_now(ctx, call, request)
+            if requirements is not None:
+                request, counted = await self.approvals.settle(request.id, requirements, actor)
+        return await self._resolve(ctx, call, request, requirements, counted, waited=False)
+
+    async def _requirements_now(
+        self, ctx: CallContext, call: _Call, request: ApprovalRequest
+    ) -> tuple[Requirement, ...] | None:
+        """What the policy demands of the stored statements today: decided again from the statements
+        themselves, not from anything the store says. None: the policy now allows them outright."""
+        name, conn = self._connection(request.connection)
+        dialect = _dialect(self.config.urls[name])
+        parts = [classify(text, dialect).statements for text in request.statements]
+        if not parts or any(len(part) != 1 for part in parts):
+            raise ApprovalError(f"request {request.id}: its stored statements are damaged; it will not run")
+        classification = Classification(
+            sql=";\n".join(request.statements), dialect=dialect, statements=tuple(p[0] for p in parts)
+        )
+        call.classification = classification
+        estimates = await self._estimates(ctx, call, name, conn, classification, list(request.params))
+        decision = self._decide(ctx, call, name, classification, estimates)
+        await self._mask_writes(ctx, call, name, classification, len(request.params))
+        return decision.hold.requirements if decision.hold is not None else None
+
+    async def _resolve(
+        self,
+        ctx: CallContext,
+        call: _Call,
+        request: ApprovalRequest,
+        requirements: Sequence[Requirement] | None,
+        counted: Tally | None,
+        *,
+        waited: bool,
+    ) -> ToolResult:
+        """What the assistant hears about a request in its current state; an approved one runs."""
+        call.summary["approval"] = {"request_id": request.id, "state": str(request.state)}
+        if request.state is ApprovalState.APPROVED:
+            return await self._run_approved(ctx, call, request, requirements)
+        if request.state is ApprovalState.PENDING:
+            wait = self.config.settings.approvals.wait
+            return held_result(
+                call.call_id,
+                request_id=request.id,
+                connection=request.connection,
+                rule=request.rule,
+                needs=[r.describe() for r in request.requirements],
+                progress=counted.describe() if counted else "",
+                expires_at=request.expires_at,
+                waited_s=wait if waited else None,
+            )
+        if request.state is ApprovalState.DENIED:
+            subject, reason = _denial(request, counted)
+            call.decision = Decision("deny", request.rule, f"denied by reviewer {subject}: {reason}")
+            raise PolicyDenied(
+                f"reviewer {subject} denied request {request.id}: {reason}. The statement was not executed.",
+                rule=request.rule,
+            )
+        self.approvals.require_runnable(request)  # expired or already executed: says which
+        raise ApprovalError(f"request {request.id} is {request.state}")
+
+    async def _run_approved(
+        self,
+        ctx: CallContext,
+        call: _Call,
+        request: ApprovalRequest,
+        requirements: Sequence[Requirement] | None,
+    ) -> ToolResult:
+        """Claim the one execution, run exactly the stored statements, record how it went."""
+        actor = Actor(ctx.identity.subject, ctx.session_id)
+        name, conn = self._connection(request.connection)
+        request, counted = await self.approvals.claim(request.id, requirements, actor, call.call_id)
+        approvers = counted.approvers if counted else []
+        call.summary["approval"] = {
+            "request_id": request.id,
+            "state": "executed",
+            "approvers": json_strings(approvers),
+        }
+        try:
+            backend = await self._backend(name)
+            results = await backend.write(list(request.statements), list(request.params), conn.limits)
+        except Exception as error:
+            shown = "internal error"
+            if isinstance(error, GuardError):
+                shown = self.detectors.text(redact(str(error), self.config.secrets))
+            outcome: dict[str, JsonValue] = {"status": "error", "error": shown, "by_call": call.call_id}
+            await self.approvals.finish(request, actor, outcome)
+            raise
+        assert call.classification is not None  # set by the decision that let the request run
+        result = self._wrote(call, name, conn, call.classification, results)
+        affected = sum(r.rows_affected or 0 for r in results)
+        await self.approvals.finish(
+            request, actor, {"status": "ok", "rows_affected": affected, "by_call": call.call_id}
+        )
+        who = ", ".join(approvers) or "policy"
+        structured = dict(result.structured or {})
+        structured["approval"] = {
+            "request_id": request.id,
+            "state": "executed",
+            "approved_by": json_strings(approvers),
+        }
+        text = f"Approved by {who} (request {request.id}); ran once, exactly as requested.\n{result.text}"
+        return ToolResult(call.call_id, text, structured)
+
+
+def _denial(request: ApprovalRequest, counted: Tally | None) -> tuple[str, str]:
+    """Who denied the request and why: the verified denial when known, else the stored one."""
+    if counted is not None and counted.denial is not None:
+        return counted.denial
+    for vote in request.votes:
+        if vote.decision == "deny":
+            return vote.reviewer, vote.reason
+    return "a reviewer", "no reason recorded"

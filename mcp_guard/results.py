@@ -160,3 +160,39 @@ def execute_result(
         "statements": statements,
     }
     return ToolResult(call_id, text, structured)
+
+
+def held_result(
+    call_id: str,
+    *,
+    request_id: str,
+    connection: str,
+    rule: str,
+    needs: Sequence[str],
+    progress: str,
+    expires_at: str,
+    waited_s: float | None,
+) -> ToolResult:
+    """A held statement still waiting for reviewers: not an error, and plainly not executed."""
+    waited = f"Waited {waited_s:g} s without a decision. " if waited_s is not None else ""
+    text = (
+        f"HELD FOR APPROVAL, NOT EXECUTED. Request {request_id} on {connection} needs "
+        f"{'; '.join(needs)} (rule {rule!r}); so far: {progress or 'no votes'}. {waited}"
+        f"It expires at {expires_at}.\n"
+        f"Tell the user: the statement waits for a reviewer's decision as request {request_id}; a reviewer "
+        f"decides it in `mcp-guard review` or with `mcp-guard approve {request_id}` / "
+        f"`mcp-guard deny {request_id} --reason ...`. You cannot approve it yourself.\n"
+        f'When the user says it is decided, call approval_status(request_id="{request_id}"): once approved, '
+        "it runs the stored statement exactly once. Do not send the statement again."
+    )
+    structured: dict[str, JsonValue] = {
+        "call_id": call_id,
+        "connection": connection,
+        "request_id": request_id,
+        "state": "pending",
+        "executed": False,
+        "needs": list(needs),
+        "progress": progress,
+        "expires_at": expires_at,
+    }
+    return ToolResult(call_id, text, structured)

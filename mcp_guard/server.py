@@ -53,7 +53,11 @@ mcp-guard is the only path to these databases. Every call is classified, decided
 recorded in an audit log. Use `query` for reads (SELECT, WITH, EXPLAIN, SHOW): it runs in a read-only
 transaction with a row limit. Use `execute` for writes and always give `reason`: the user's request
 this change serves. A refusal names the rule that refused it; do not try to work around it, tell the
-user instead. Results are capped; when `truncated` is true, narrow the query."""
+user instead. Results are capped; when `truncated` is true, narrow the query.
+Some changes (schema changes, writes without WHERE, large deletes) are held for a person's approval:
+`execute` then waits, and if nobody decides in time it answers with a request id. Tell the user, and
+call `approval_status` with that id when they say it was decided; it runs the held statement once.
+You cannot approve anything yourself, and you must not try."""
 
 Param = str | int | float | bool | None
 
@@ -304,9 +308,25 @@ def build_server(
         connection: ConnectionArg = None,
         params: ParamsArg = None,
     ) -> CallToolResult:
-        """Run writes under policy in one transaction (all or nothing); reports rows affected."""
+        """Run writes under policy in one transaction (all or nothing); reports rows affected. Risky
+        changes wait for a reviewer's approval; if none comes in time, the answer is a request id."""
         return await sessions.run(
-            ctx.session, "execute", lambda c: guard.execute(c, connection, sql, reason, params)
+            ctx.session,
+            "execute",
+            lambda c: guard.execute(c, connection, sql, reason, params, ctx.report_progress),
+        )
+
+    @server.tool(
+        annotations=ToolAnnotations(read_only_hint=False, destructive_hint=True, open_world_hint=False)
+    )
+    async def approval_status(
+        ctx: Context,
+        request_id: Annotated[str, Field(description="The request id a held execute call answered with.")],
+    ) -> CallToolResult:
+        """State of a held request. Once a reviewer approved it, runs its stored statement, exactly once;
+        never different SQL. Nobody can approve through this tool."""
+        return await sessions.run(
+            ctx.session, "approval_status", lambda c: guard.approval_status(c, request_id)
         )
 
     return server, sessions

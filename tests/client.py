@@ -19,6 +19,7 @@ from mcp.client.session import ClientSession
 from mcp.client.sse import sse_client
 from mcp.client.stdio import StdioServerParameters, stdio_client
 from mcp.client.streamable_http import streamable_http_client
+from mcp.shared.dispatcher import ProgressFnT
 from mcp_types import CallToolResult, Implementation, TextContent
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,8 +36,8 @@ class GuardClient:
     def __init__(self, session: ClientSession) -> None:
         self.session = session
 
-    async def call(self, tool: str, **arguments: Any) -> Reply:
-        result = await self.session.call_tool(tool, arguments)
+    async def call(self, tool: str, *, progress: ProgressFnT | None = None, **arguments: Any) -> Reply:
+        result = await self.session.call_tool(tool, arguments, progress_callback=progress)
         assert isinstance(result, CallToolResult)
         text = "\n".join(b.text for b in result.content if isinstance(b, TextContent))
         return Reply(text=text, structured=result.structured_content, is_error=bool(result.is_error))

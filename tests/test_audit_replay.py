@@ -70,7 +70,7 @@ def test_replay_json_gives_back_every_call_field_by_field_as_the_client_received
         assert got["session_id"] == replay["session"]["session_id"]
     assert [c["decision"] for c in calls] == ["allow", "allow", "allow", "deny", "allow", "deny"]
     assert calls[2]["rule"] == "allow-writes-with-where" and calls[2]["result"] == {"rows_affected": 1}
-    assert calls[3]["rule"] == "deny-risky-kinds" and calls[3]["kind"] == "ddl"
+    assert calls[3]["rule"] == "hold-ddl" and calls[3]["kind"] == "ddl"  # held, and nobody may approve
     assert calls[3]["classification"]["statements"][0]["operation"] == "DROP TABLE"
     assert calls[5]["status"] == "denied" and calls[5]["kind"] == "unknown"
     times = [c["time"] for c in calls]
@@ -87,7 +87,7 @@ def test_replay_in_the_terminal_shows_each_call_with_sql_reason_decision_and_res
     assert code == 0
     assert "#1" in out and "#6" in out and "session ended" in out
     assert "the customer called: order 2 went out today" in out
-    assert "deny by rule deny-risky-kinds" in out
+    assert "deny by rule hold-ddl" in out
     assert "UPDATE orders SET status = 'shipped' WHERE id = 2" in out
     assert "response as the model saw it" in out and "Committed: 1 statement, 1 row affected." in out
 
@@ -110,7 +110,7 @@ def test_replay_html_is_a_self_contained_page_with_every_call(recorded, capsys, 
     for sent in recorded:
         assert sent.call_id in text
     assert "the customer called: order 2 went out today" in text
-    assert "deny-risky-kinds" in text
+    assert "hold-ddl" in text
     data = re.search(r'<script type="application/json" id="replay-data">(.*)</script>', text, re.S)
     assert data is not None
     embedded = json.loads(data.group(1).replace("<\\/", "</"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from mcp_guard.config import (
+    ApprovalSettings,
     AuditSettings,
     ConnectionSettings,
     IdentitySettings,
@@ -17,6 +18,7 @@ from mcp_guard.config import (
     MaskRule,
     PolicyRule,
     PolicySettings,
+    ReviewerSettings,
     load_config,
 )
 from mcp_guard.errors import ConfigError
@@ -78,7 +80,7 @@ def test_limits_have_documented_defaults(tmp_path):
         (
             '[connections.shop]\nurl = "sqlite:////x"\n[[policy.rules]]\nname = "r"\naction = "maybe"\n',
             "policy.rules.0.action",
-            "'allow' or 'deny'",
+            "'allow', 'deny' or 'approve'",
         ),
         (
             '[connections.shop]\nurl = "sqlite:////x"\n[[policy.rules]]\nname = "r"\naction = "deny"\n'
@@ -154,6 +156,8 @@ def test_every_setting_is_documented():
         MaskingSettings,
         MaskRule,
         AuditSettings,
+        ApprovalSettings,
+        ReviewerSettings,
     )
     for model in models:
         for name in model.model_fields:

@@ -339,3 +339,12 @@ async def test_audit_stats_count_the_cells_the_assistant_saw_masked(tmp_path):
     assert done.returncode == 0, done.stderr
     [row] = json.loads(done.stdout)
     assert row["masked_cells"] == 6 and row["calls"] == 1
+
+
+def test_a_column_without_digits_or_markers_is_skipped_but_a_bare_secret_is_still_found():
+    detectors = Detectors(ALL_DETECTORS)
+    plain = [["shipped"], ["waiting for the courier"], [None]]
+    assert detectors.scan(plain, [0]) == [] and plain[1] == ["waiting for the courier"]
+    secrets = [["key is sk_live_abcdefghijkl"], ["xoxb-abcdefghijk"], ["ghp_abcdefghijklmnop"]]
+    assert len(detectors.scan(secrets, [0])) == 3
+    assert all(row[0].endswith("[masked:secret]") for row in secrets)

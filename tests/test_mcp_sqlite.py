@@ -31,11 +31,19 @@ def audit_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
 async def test_the_tools_are_listed_with_their_annotations(tmp_path, sqlite_shop):
     async with guard_client(shop_config(tmp_path, sqlite_shop), tmp_path) as client:
         tools = {tool.name: tool for tool in (await client.session.list_tools()).tools}
-    assert set(tools) == {"list_connections", "list_tables", "describe_table", "query", "execute"}
+    assert set(tools) == {
+        "list_connections",
+        "list_tables",
+        "describe_table",
+        "query",
+        "execute",
+        "approval_status",
+    }
     for name in ("list_connections", "list_tables", "describe_table", "query"):
         assert tools[name].annotations.read_only_hint is True, name
-    assert tools["execute"].annotations.destructive_hint is True
-    assert tools["execute"].annotations.read_only_hint is False
+    for name in ("execute", "approval_status"):
+        assert tools[name].annotations.destructive_hint is True, name
+        assert tools[name].annotations.read_only_hint is False, name
     assert "reason" in tools["execute"].input_schema["required"]
 
 
@@ -112,12 +120,13 @@ async def test_a_multi_statement_write_is_all_or_nothing(tmp_path, sqlite_shop):
     assert db.execute("SELECT status FROM orders WHERE id = 3").fetchone()[0] != "gone"
 
 
-async def test_a_denied_drop_names_the_rule_and_the_server_keeps_serving(tmp_path, sqlite_shop):
+async def test_a_drop_nobody_can_approve_is_refused_at_once_and_the_server_serves_on(tmp_path, sqlite_shop):
     async with guard_client(shop_config(tmp_path, sqlite_shop), tmp_path) as client:
         denied = await client.call("execute", sql="DROP TABLE payments", reason="cleanup")
         after = await client.call("query", sql="SELECT count(*) AS n FROM payments")
     assert denied.is_error
-    assert "deny-risky-kinds" in denied.text and "schema changes" in denied.text
+    assert "schema changes wait for a reviewer's approval" in denied.text
+    assert "rule 'hold-ddl' needs 1 approval from reviewers, but no reviewer" in denied.text
     assert not after.is_error and after.structured["rows"][0][0] > 0
 
 
@@ -140,7 +149,8 @@ async def test_every_call_is_audited_and_the_chain_verifies(tmp_path, sqlite_sho
     assert [c["request"]["tool"] for c in calls] == ["list_tables", "query", "execute", "query"]
     assert [c["outcome"]["decision"] for c in calls] == ["allow", "allow", "deny", "deny"]
     denied = calls[2]["outcome"]["detail"]
-    assert denied["decision"]["rule"] == "deny-write-without-where"
+    assert denied["decision"]["rule"] == "hold-write-without-where"
+    assert "no reviewer other than the requester is configured" in denied["decision"]["reason"]
     assert "write_without_where" in denied["classification"]["flags"]
     assert calls[2]["request"]["detail"]["arguments"]["reason"] == "oops"
     assert calls[1]["request"]["detail"]["client"] == "mcp-guard-tests/1"

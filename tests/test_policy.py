@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from mcp_guard.classify import Classification, RiskFlag, Statement, StatementKind
 from mcp_guard.config import PolicyRule, PolicySettings
-from mcp_guard.policy import decide
+from mcp_guard.policy import Hold, Requirement, decide
 
 
 def stmt(kind: StatementKind, *flags: RiskFlag, tables: tuple[str, ...] = ()) -> Statement:
@@ -30,12 +30,17 @@ def test_the_default_policy_allows_reads_and_writes_with_where():
     assert decision.allowed and decision.rule == "allow-writes-with-where"
 
 
-def test_the_default_policy_denies_writes_without_where_and_risky_kinds():
+def test_the_default_policy_holds_ddl_and_writes_without_where_for_reviewers():
     no_where = calls(stmt(StatementKind.WRITE, RiskFlag.WRITE_WITHOUT_WHERE))
-    assert decide(DEFAULT, no_where, tool="execute", connection="c", groups=frozenset()).rule == (
-        "deny-write-without-where"
-    )
-    for kind in ("ddl", "dcl", "admin", "unknown", "transaction", "session"):
+    held = decide(DEFAULT, no_where, tool="execute", connection="c", groups=frozenset())
+    assert held.action == "approve" and held.rule == "hold-write-without-where"
+    assert held.hold == Hold((Requirement("hold-write-without-where", ("reviewers",), 1),), 3600.0)
+    ddl = decide(DEFAULT, calls(stmt(StatementKind.DDL)), tool="execute", connection="c", groups=frozenset())
+    assert ddl.action == "approve" and ddl.rule == "hold-ddl"
+
+
+def test_the_default_policy_still_denies_dcl_unknown_and_the_other_risky_kinds():
+    for kind in ("dcl", "admin", "unknown", "transaction", "session"):
         decision = decide(
             DEFAULT, calls(stmt(StatementKind(kind))), tool="execute", connection="c", groups=frozenset()
         )
@@ -45,12 +50,12 @@ def test_the_default_policy_denies_writes_without_where_and_risky_kinds():
 def test_one_denied_statement_denies_the_call_and_is_named():
     decision = decide(
         DEFAULT,
-        calls(stmt(StatementKind.READ), stmt(StatementKind.DDL)),
+        calls(stmt(StatementKind.READ), stmt(StatementKind.DDL), stmt(StatementKind.DCL)),
         tool="execute",
         connection="c",
         groups=frozenset(),
     )
-    assert decision.action == "deny" and decision.statement_index == 1
+    assert decision.action == "deny" and decision.statement_index == 2
 
 
 def test_rules_match_on_groups_tables_connections_and_tools():

@@ -11,10 +11,13 @@ import json
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
 from mcp_guard.errors import UsageError
 from mcp_guard.values import JsonScalar, JsonValue
+
+if TYPE_CHECKING:
+    from mcp_guard.classify import Statement
 
 
 @dataclass(frozen=True, slots=True)
@@ -177,6 +180,12 @@ class Backend(ABC):
         self, statements: Sequence[str], params: Sequence[JsonScalar], limits: Limits
     ) -> list[WriteResult]:
         """Run statements in one read-write transaction: all or nothing."""
+
+    @abstractmethod
+    async def estimate_rows(
+        self, statement: Statement, params: Sequence[JsonScalar], limits: Limits
+    ) -> int | None:
+        """Rows a write statement would change, without running it (read-only); None when unknown."""
 
     @abstractmethod
     async def list_tables(self) -> list[TableInfo]: ...

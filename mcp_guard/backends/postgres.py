@@ -38,6 +38,7 @@ from mcp_guard.backends.base import (
     numbered,
     statement_params,
 )
+from mcp_guard.classify import Statement
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
 from mcp_guard.redact import redact
 from mcp_guard.values import JsonScalar, JsonValue, converter_for, to_json_value
@@ -307,6 +308,20 @@ class PostgresBackend(Backend):
                 await conn.execute("COMMIT", timeout=backstop)
         return results
 
+    async def estimate_rows(
+        self, statement: Statement, params: Sequence[JsonScalar], limits: Limits
+    ) -> int | None:
+        """The planner's estimate: EXPLAIN without ANALYZE, in a read-only transaction, so nothing runs."""
+        check_call([statement.text], params)
+        backstop = limits.timeout_s + _BACKSTOP_S
+        async with self._connection(self._pool, limits) as conn:  # the read pool: read-only sessions
+            with self._errors(limits.timeout_s, "row estimate"):
+                await conn.execute(f"BEGIN READ ONLY; {_timeout_sql(limits)}", timeout=backstop)
+                prepared = await conn.prepare("EXPLAIN (FORMAT JSON) " + statement.text, timeout=backstop)
+                args = _coerce_params(prepared.get_parameters(), params)
+                plan = await prepared.fetchval(*args, timeout=backstop)
+        return _planned_rows(plan)
+
     async def list_tables(self) -> list[TableInfo]:
         limits = Limits()
         async with self._connection(self._pool, limits) as conn:
@@ -468,6 +483,23 @@ def _write_result(
         columns, converters = _shape(attributes)
         returned = ResultSet.capped(columns, _json_rows(records[: limits.row_limit + 1], converters), limits)
     return WriteResult(status, int(count) if counted else None, returned)
+
+
+def _planned_rows(plan: Any) -> int | None:
+    """Rows the plan's writes (ModifyTable nodes, nested ones included) are estimated to touch."""
+    try:
+        root = (json.loads(plan) if isinstance(plan, str) else plan)[0]["Plan"]
+        total, writes, nodes = 0, 0, [root]
+        while nodes:
+            node = nodes.pop()
+            children = node.get("Plans", [])
+            if node["Node Type"] == "ModifyTable":
+                writes += 1
+                total += int((children[0] if children else node)["Plan Rows"])
+            nodes.extend(children)
+        return total if writes else int(root["Plan Rows"])
+    except (LookupError, TypeError, ValueError):
+        return None
 
 
 def _name_candidates(table: str) -> list[tuple[str | None, str]]:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+from sqlglot import exp
 
 from mcp_guard.backends.base import (
     Backend,
@@ -38,6 +39,7 @@ from mcp_guard.backends.base import (
     numbered,
     statement_params,
 )
+from mcp_guard.classify import Statement
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
 from mcp_guard.values import JsonScalar, JsonValue, to_json_value
 
@@ -261,6 +263,19 @@ class SqliteBackend(Backend):
                 raise
         return results
 
+    async def estimate_rows(
+        self, statement: Statement, params: Sequence[JsonScalar], limits: Limits
+    ) -> int | None:
+        """SQLite has no planner estimate: count the rows the WHERE selects, on a read-only connection."""
+        check_call([statement.text], params)
+        counting = _counting_query(statement)
+        if counting is None:
+            return None
+        async with self._reader(limits) as link:
+            with _errors(link.guard, limits.timeout_s, "row estimate"):
+                _, rows, _ = await link.run(counting, params, limits, 1)
+        return int(rows[0][0])
+
     async def list_tables(self) -> list[TableInfo]:
         with _errors(None, 0.0):
             rows = await self._require_catalogue().execute_fetchall(_LIST_TABLES)
@@ -356,6 +371,25 @@ def _errors(guard: _Guard | None, timeout_s: float, where: str = "") -> Iterator
             scope = "read-only connection" if guard.read_only else "connection"
             raise BackendError(f"{prefix}not allowed on this {scope}: {guard.denied}") from error
         raise BackendError(f"{prefix}{error}") from error
+
+
+def _counting_query(statement: Statement) -> str | None:
+    """`SELECT count(*)` over the target and WHERE of a plain UPDATE or DELETE, with the same
+    parameters; None for anything else (joins, LIMIT, parameters outside the WHERE)."""
+    tree = statement.tree
+    if not isinstance(tree, exp.Delete | exp.Update) or not isinstance(tree.this, exp.Table):
+        return None
+    if any(tree.args.get(name) for name in ("tables", "using", "from", "joins", "order", "limit")):
+        return None
+    query = exp.select(exp.Count(this=exp.Star())).from_(tree.this.copy())
+    where = tree.args.get("where")
+    if where is not None:
+        query = query.where(where.this.copy())
+    if tree.args.get("with_") is not None:
+        query.set("with_", tree.args["with_"].copy())
+    if len(list(query.find_all(exp.Placeholder))) != len(list(tree.find_all(exp.Placeholder))):
+        return None
+    return query.sql("sqlite")
 
 
 def _result_set(description: Any, rows: list[tuple[Any, ...]], limits: Limits) -> ResultSet:

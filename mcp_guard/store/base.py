@@ -10,13 +10,17 @@ from __future__ import annotations
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from mcp_guard.errors import AuditError, UsageError
 from mcp_guard.values import JsonValue
+
+if TYPE_CHECKING:
+    from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 
 
 class EventType(StrEnum):
@@ -29,6 +33,13 @@ class EventType(StrEnum):
     """The user's prompt, recorded by a client hook (`mcp-guard hook claude-code`)."""
     TOOL_USE = "tool_use"
     """The client announcing a tool call it is about to send (a fingerprint of its arguments)."""
+    APPROVAL_REQUESTED = "approval_requested"
+    APPROVAL_VOTE = "approval_vote"
+    APPROVAL_APPROVED = "approval_approved"
+    APPROVAL_DENIED = "approval_denied"
+    APPROVAL_EXPIRED = "approval_expired"
+    APPROVAL_EXECUTED = "approval_executed"
+    APPROVAL_OUTCOME = "approval_outcome"
 
 
 def utc_now() -> str:
@@ -205,8 +216,20 @@ def check_continues(where: str, head: tuple[int, bytes] | None, records: Sequenc
         expected_seq, expected_prev = record.seq + 1, record.hash
 
 
+class ChangeWatch(ABC):
+    """Tells a waiting caller that approvals may have changed, in this process or another."""
+
+    @abstractmethod
+    async def wait(self, timeout: float) -> bool:
+        """Return within `timeout` seconds: True when something may have changed since the watch
+        began or the previous wait returned True."""
+
+
 class Store(ABC):
-    """Where audit entries are appended, read and verified."""
+    """Where audit entries are appended, read and verified, and approval requests meet reviewers.
+
+    Every change to an approval request is committed together with its audit entry, or not at all.
+    """
 
     _after_append: Callable[[int], Awaitable[None]] | None = None
 
@@ -298,3 +321,49 @@ class Store(ABC):
     async def prune(self, checkpoint: StoredCheckpoint) -> int:
         """Remove the entries up to and including `checkpoint.entries` in one transaction that keeps
         `checkpoint`, whose head must be that entry's hash; returns how many entries were removed."""
+
+    # approvals ----------------------------------------------------------------------------------
+
+    @abstractmethod
+    async def add_approval(self, request: ApprovalRequest, event: AuditEvent) -> None:
+        """Store a new pending request and append `event`, atomically."""
+
+    @abstractmethod
+    async def get_approval(self, request_id: str) -> ApprovalRequest | None:
+        """The request with its votes (oldest first), or None."""
+
+    @abstractmethod
+    async def list_approvals(
+        self, states: Collection[ApprovalState] | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        """Requests in any of `states` (all when None), newest first, with their votes."""
+
+    @abstractmethod
+    async def add_vote(self, vote: Vote, event: AuditEvent, *, unexpired_at: str) -> bool:
+        """Record `vote` and append `event` atomically, if the request is pending, expires after
+        `unexpired_at` and has no vote from this reviewer; False (nothing written) otherwise."""
+
+    @abstractmethod
+    async def transition_approval(
+        self,
+        request_id: str,
+        expected: ApprovalState,
+        target: ApprovalState,
+        event: AuditEvent,
+        changes: Mapping[str, JsonValue],
+        *,
+        unexpired_at: str | None = None,
+    ) -> bool:
+        """Compare-and-set: move the request from `expected` to `target`, set `changes` (decided_at,
+        executed_at, executed_by) and append `event`, atomically, across processes. With
+        `unexpired_at`, only if the request expires after it. False (nothing written) otherwise."""
+
+    @abstractmethod
+    async def finish_approval(
+        self, request_id: str, outcome: Mapping[str, JsonValue], event: AuditEvent
+    ) -> None:
+        """Record the outcome of an executed request and append `event`, atomically."""
+
+    @abstractmethod
+    def watch_approvals(self) -> AbstractAsyncContextManager[ChangeWatch]:
+        """A watch on approval changes, from before the caller's next read."""

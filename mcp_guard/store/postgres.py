@@ -22,13 +22,14 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit, urlunsplit
 
 import asyncpg
 
+from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError, ConfigError, UsageError
 from mcp_guard.store import chain
 from mcp_guard.store.base import (
@@ -36,6 +37,7 @@ from mcp_guard.store.base import (
     AuditFilter,
     AuditRecord,
     CallFilter,
+    ChangeWatch,
     EventType,
     StatsRow,
     Store,
@@ -46,7 +48,10 @@ from mcp_guard.store.base import (
     derived_index,
     utc_bound,
 )
+from mcp_guard.store.postgres_approvals import SCHEMA as APPROVALS_SCHEMA
+from mcp_guard.store.postgres_approvals import PostgresApprovals
 from mcp_guard.store.sqlite import Durability
+from mcp_guard.values import JsonValue
 
 _Pending: TypeAlias = tuple[AuditEvent, bytes, bool, "asyncio.Future[int]"]
 
@@ -127,6 +132,7 @@ MIGRATIONS: tuple[tuple[str, ...], ...] = (
         "CREATE INDEX checkpoint_entries ON checkpoint (entries)",
         _APPEND_FUNCTION,
     ),
+    APPROVALS_SCHEMA,
 )
 """Version N is reached by running MIGRATIONS[N - 1] on version N - 1, in one transaction."""
 
@@ -171,6 +177,15 @@ class PostgresStore(Store):
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
+        # Approval steps gate writes (a claim is the intent of one): synced unless nothing is.
+        self._approvals = PostgresApprovals(
+            pool=self._open_pool,
+            append=self._append_in,
+            appended=self._approval_appended,
+            connect=self._connect,
+            error=self._error,
+            synced=durability != "normal",
+        )
 
     # lifecycle ----------------------------------------------------------------------------------
 
@@ -228,6 +243,7 @@ class PostgresStore(Store):
         self._writer = asyncio.create_task(self._write_loop())
 
     async def close(self) -> None:
+        await self._approvals.close()
         if self._pool is None or self._closing:
             return
         self._closing = True
@@ -288,9 +304,9 @@ class PostgresStore(Store):
             if not done.done():
                 done.set_result(int(first) + index)
 
-    async def _append_in(self, db: asyncpg.Connection, event: AuditEvent, synced: bool) -> None:
+    async def _append_in(self, db: asyncpg.Connection, event: AuditEvent, synced: bool) -> int:
         """Append one entry in the caller's transaction: an approval step and its entry commit together."""
-        await db.fetchval(_CALL_APPEND, *_columns([(event, chain.canonical(event))]), synced)
+        return int(await db.fetchval(_CALL_APPEND, *_columns([(event, chain.canonical(event))]), synced))
 
     async def restore(self, records: Sequence[AuditRecord]) -> None:
         """Append entries copied from another store as they are (seq, hashes and bytes), in one
@@ -514,6 +530,47 @@ class PostgresStore(Store):
         except asyncpg.PostgresError as exc:
             raise self._error("cannot prune it", exc) from None
         return int(status.split()[-1])
+
+    # approvals (store/postgres_approvals.py) ----------------------------------------------------
+
+    async def add_approval(self, request: ApprovalRequest, event: AuditEvent) -> None:
+        await self._approvals.add(request, event)
+
+    async def get_approval(self, request_id: str) -> ApprovalRequest | None:
+        return await self._approvals.get(request_id)
+
+    async def list_approvals(
+        self, states: Collection[ApprovalState] | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        return await self._approvals.listing(states, limit)
+
+    async def add_vote(self, vote: Vote, event: AuditEvent, *, unexpired_at: str) -> bool:
+        return await self._approvals.add_vote(vote, event, unexpired_at)
+
+    async def transition_approval(
+        self,
+        request_id: str,
+        expected: ApprovalState,
+        target: ApprovalState,
+        event: AuditEvent,
+        changes: Mapping[str, JsonValue],
+        *,
+        unexpired_at: str | None = None,
+    ) -> bool:
+        return await self._approvals.transition(request_id, expected, target, event, changes, unexpired_at)
+
+    async def finish_approval(
+        self, request_id: str, outcome: Mapping[str, JsonValue], event: AuditEvent
+    ) -> None:
+        await self._approvals.finish(request_id, outcome, event)
+
+    def watch_approvals(self) -> AbstractAsyncContextManager[ChangeWatch]:
+        self._open_pool()
+        return self._approvals.watch()
+
+    async def _approval_appended(self, seq: int) -> None:
+        if self._after_append is not None:
+            await self._after_append(seq)
 
     # errors -------------------------------------------------------------------------------------
 

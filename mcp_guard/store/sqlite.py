@@ -37,15 +37,16 @@ import json
 import multiprocessing
 import os
 import sqlite3
-from collections.abc import AsyncGenerator, AsyncIterator, Collection, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Collection, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from contextlib import asynccontextmanager, closing
+from contextlib import AbstractAsyncContextManager, asynccontextmanager, closing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, TypeAlias
 
 import aiosqlite
 
+from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError, ConfigError, UsageError
 from mcp_guard.store import chain
 from mcp_guard.store.base import (
@@ -53,6 +54,7 @@ from mcp_guard.store.base import (
     AuditFilter,
     AuditRecord,
     CallFilter,
+    ChangeWatch,
     EventType,
     StatsRow,
     Store,
@@ -62,6 +64,8 @@ from mcp_guard.store.base import (
     check_schema_version,
 )
 from mcp_guard.store.base import utc_bound as _utc
+from mcp_guard.store.sqlite_approvals import SqliteApprovals
+from mcp_guard.values import JsonValue
 
 SCHEMA_VERSION = 2
 """1: the chain. 2: adds the derived index columns kind and tables, and the checkpoint table."""
@@ -247,6 +251,16 @@ class SqliteStore(Store):
         self._pending: list[_Pending] = []
         self._wake = asyncio.Event()
         self._closing = False
+        # Approval steps gate writes (a claim is the intent of one): synced unless nothing is.
+        self._approvals = SqliteApprovals(
+            path,
+            busy_timeout=busy_timeout,
+            synchronous="NORMAL" if durability == "normal" else "FULL",
+            append_sql=_APPEND,
+            meta=_meta,
+            appended=self._approval_appended,
+            error=self._error,
+        )
 
     # lifecycle ----------------------------------------------------------------------------------
 
@@ -381,6 +395,7 @@ class SqliteStore(Store):
             )
 
     async def close(self) -> None:
+        await self._approvals.close()
         if self._db is None or self._closing:
             return
         self._closing = True
@@ -725,6 +740,57 @@ class SqliteStore(Store):
         except sqlite3.Error as exc:
             raise self._error("cannot prune it", exc) from exc
         return int(removed)
+
+    # approvals (store/sqlite_approvals.py) ------------------------------------------------------
+
+    async def add_approval(self, request: ApprovalRequest, event: AuditEvent) -> None:
+        self._require_open()
+        await self._approvals.add(request, event)
+
+    async def get_approval(self, request_id: str) -> ApprovalRequest | None:
+        self._require_open()
+        return await self._approvals.get(request_id)
+
+    async def list_approvals(
+        self, states: Collection[ApprovalState] | None = None, limit: int = 100
+    ) -> list[ApprovalRequest]:
+        self._require_open()
+        return await self._approvals.listing(states, limit)
+
+    async def add_vote(self, vote: Vote, event: AuditEvent, *, unexpired_at: str) -> bool:
+        self._require_open()
+        return await self._approvals.add_vote(vote, event, unexpired_at)
+
+    async def transition_approval(
+        self,
+        request_id: str,
+        expected: ApprovalState,
+        target: ApprovalState,
+        event: AuditEvent,
+        changes: Mapping[str, JsonValue],
+        *,
+        unexpired_at: str | None = None,
+    ) -> bool:
+        self._require_open()
+        return await self._approvals.transition(request_id, expected, target, event, changes, unexpired_at)
+
+    async def finish_approval(
+        self, request_id: str, outcome: Mapping[str, JsonValue], event: AuditEvent
+    ) -> None:
+        self._require_open()
+        await self._approvals.finish(request_id, outcome, event)
+
+    def watch_approvals(self) -> AbstractAsyncContextManager[ChangeWatch]:
+        self._require_open()
+        return self._approvals.watch()
+
+    def _require_open(self) -> None:
+        if self._db is None or self._closing:
+            raise AuditError(f"audit store {self.path}: is not open")
+
+    async def _approval_appended(self, seq: int) -> None:
+        if self._after_append is not None:
+            await self._after_append(seq)
 
     # errors -------------------------------------------------------------------------------------
 
