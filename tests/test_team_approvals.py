@@ -1,0 +1,115 @@
+"""Approvals across hosts on the team's PostgreSQL store: gateway processes and a reviewer (this test
+process) share one store; a decision wakes the waiting gateway through LISTEN/NOTIFY, and an approved
+request runs once however many gateways race for it."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from pathlib import Path
+
+import pytest
+
+from mcp_guard.approvals import ApprovalState
+from mcp_guard.store import open_store
+from mcp_guard.store.base import CallFilter
+from tests.approval_support import approval_config, desk, settled, sqlite_connection
+from tests.client import guard_client
+from tests.conftest import empty_pg_store
+
+DROP = {"sql": "DROP TABLE api_keys", "reason": "keys moved to the vault"}
+
+
+@pytest.fixture
+def team_store(pg_store_url: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    asyncio.run(empty_pg_store(pg_store_url))
+    monkeypatch.setenv("TEAM_STORE_URL", pg_store_url)  # for the reviewer's desk, in this process
+    return pg_store_url
+
+
+def team_approval_config(tmp_path: Path, shop: Path, **kwargs: object) -> Path:
+    """The approval tests' configuration, its audit store the team's PostgreSQL (from the environment)."""
+    config = approval_config(tmp_path, sqlite_connection(shop), **kwargs)  # type: ignore[arg-type]
+    text = config.read_text().replace(
+        f'url = "sqlite:///{tmp_path / "audit.db"}"', 'url_env = "TEAM_STORE_URL"'
+    )
+    config.write_text(text)
+    return config
+
+
+def tables(path: Path) -> set[str]:
+    return {
+        row[0] for row in sqlite3.connect(path).execute("SELECT name FROM sqlite_master WHERE type='table'")
+    }
+
+
+async def test_a_decision_in_the_reviewers_process_wakes_the_call_waiting_in_another_gateway_at_once(
+    team_store: str, tmp_path: Path, sqlite_shop: Path
+) -> None:
+    config = team_approval_config(tmp_path, sqlite_shop, wait=20)
+    env = {"TEAM_STORE_URL": team_store}
+    async with (
+        guard_client(config, tmp_path, **env) as holder,
+        guard_client(config, tmp_path, **env) as other,
+        desk(config) as reviewers,
+    ):
+        call = asyncio.create_task(holder.call("execute", **DROP))
+        request = await reviewers.next_request()
+        assert "api_keys" in tables(sqlite_shop)
+        assert not (await other.call("query", sql="SELECT count(*) FROM orders")).is_error
+        await asyncio.sleep(0.5)  # the holder is waiting now, listening
+        assert (await reviewers.vote(request.id, "dana", reason="fine")).state is ApprovalState.APPROVED
+        decided = time.monotonic()
+        reply = await settled(call)
+        woke = time.monotonic() - decided
+    assert not reply.is_error, reply.text
+    assert reply.text.startswith(f"Approved by local:dana (request {request.id}); ran once")
+    assert "api_keys" not in tables(sqlite_shop)
+    assert woke < 0.5, f"the waiting gateway took {woke:.2f} s to wake and run"
+    store = open_store(team_store)
+    await store.open()
+    try:
+        assert (await store.verify()).ok
+        (held,) = [call async for call in store.calls(CallFilter(tool="execute"))]
+    finally:
+        await store.close()
+    assert {"approval_requested", "approval_vote", "approval_approved", "approval_executed"} <= {
+        str(r.event.type) for r in held
+    }
+
+
+async def test_an_approved_request_claimed_by_two_gateways_at_once_runs_once(
+    team_store: str, tmp_path: Path, sqlite_shop: Path
+) -> None:
+    policy = (
+        '[[policy.rules]]\nname = "hold-inserts"\naction = "approve"\nkinds = ["write"]\n'
+        'approvers = ["reviewers"]\n'
+    )
+    config = team_approval_config(tmp_path, sqlite_shop, policy=policy, wait=0.3)
+    env = {"TEAM_STORE_URL": team_store}
+    insert = "INSERT INTO orders (customer_id, total, status, created_at) VALUES (1, 9.99, 'once', 'now')"
+    async with (
+        guard_client(config, tmp_path, **env) as first,
+        guard_client(config, tmp_path, **env) as second,
+        desk(config) as reviewers,
+    ):
+        held = await first.call("execute", sql=insert, reason="one order")
+        request_id = held.structured["request_id"]
+        await reviewers.vote(request_id, "dana")
+        replies = await asyncio.gather(
+            *(client.call("approval_status", request_id=request_id) for client in (first, second) * 3)
+        )
+    assert sum(not r.is_error for r in replies) == 1, [r.text for r in replies]
+    rows = (
+        sqlite3.connect(sqlite_shop).execute("SELECT count(*) FROM orders WHERE status = 'once'").fetchone()
+    )
+    assert rows == (1,)
+    store = open_store(team_store)
+    await store.open()
+    try:
+        request = await store.get_approval(request_id)
+        assert (await store.verify()).ok
+    finally:
+        await store.close()
+    assert request is not None and request.state is ApprovalState.EXECUTED
