@@ -130,7 +130,7 @@ def pg_store_url() -> Iterator[str]:
 async def empty_pg_store(url: str) -> None:
     conn = await asyncpg.connect(url)
     try:
-        await conn.execute("TRUNCATE audit, checkpoint")
+        await conn.execute("TRUNCATE audit, checkpoint, approval_requests, approval_votes")
     finally:
         await conn.close()
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import time
 from collections.abc import AsyncIterator
 from contextlib import closing
 from typing import Any
@@ -15,7 +16,9 @@ from typing import Any
 import asyncpg
 import pytest
 
+from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError, UsageError
+from mcp_guard.policy import Requirement
 from mcp_guard.store import chain, open_store
 from mcp_guard.store.base import (
     AuditEvent,
@@ -332,3 +335,122 @@ async def test_a_newer_schema_is_refused_naming_the_versions(store_url: str) -> 
     finally:
         if not store_url.startswith("sqlite"):
             await run_sql(store_url, f"UPDATE mcp_guard_schema SET version = {SCHEMA_VERSION}")
+
+
+# approvals -------------------------------------------------------------------------------------------
+
+
+def approval_request(
+    request_id: str = "req-1", expires_at: str = "2999-01-01T00:00:00+00:00"
+) -> ApprovalRequest:
+    return ApprovalRequest(
+        id=request_id,
+        call_id=f"call-{request_id}",
+        session_id="s1",
+        requester="local:alice",
+        connection="shop",
+        statements=("DROP TABLE api_keys",),
+        params=(),
+        digest="d" * 64,
+        reason="keys moved",
+        rule="hold-ddl",
+        requirements=(Requirement("hold-ddl", ("reviewers",), 1),),
+        details={"kind": "ddl"},
+        state=ApprovalState.PENDING,
+        created_at="2026-11-01T10:00:00+00:00",
+        expires_at=expires_at,
+    )
+
+
+def step(request_id: str, what: EventType) -> AuditEvent:
+    return AuditEvent(what, "s1", "local:alice", call_id=f"call-{request_id}", detail={"request": request_id})
+
+
+def vote(request_id: str, reviewer: str) -> Vote:
+    return Vote(request_id, reviewer, "approve", "fine", "2026-11-01T10:01:00+00:00", b"payload", "proof")
+
+
+async def test_approval_requests_and_votes_are_stored_with_their_entries_in_the_chain(store: Store) -> None:
+    await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
+    await store.add_approval(approval_request("req-2"), step("req-2", EventType.APPROVAL_REQUESTED))
+    now = "2026-11-01T10:01:00+00:00"
+    assert await store.add_vote(
+        vote("req-1", "local:dana"), step("req-1", EventType.APPROVAL_VOTE), unexpired_at=now
+    )
+    assert not await store.add_vote(
+        vote("req-1", "local:dana"), step("req-1", EventType.APPROVAL_VOTE), unexpired_at=now
+    ), "one vote per reviewer"
+    assert not await store.add_vote(
+        vote("req-9", "local:dana"), step("req-9", EventType.APPROVAL_VOTE), unexpired_at=now
+    ), "no vote on a request that does not exist"
+    found = await store.get_approval("req-1")
+    assert found is not None and found.statements == ("DROP TABLE api_keys",)
+    assert [v.reviewer for v in found.votes] == ["local:dana"] and found.votes[0].payload == b"payload"
+    assert sorted(r.id for r in await store.list_approvals([ApprovalState.PENDING])) == ["req-1", "req-2"]
+    assert await store.list_approvals([ApprovalState.EXECUTED]) == []
+    types = [r.event.type for r in await store.query(AuditFilter())]
+    assert types == [EventType.APPROVAL_REQUESTED, EventType.APPROVAL_REQUESTED, EventType.APPROVAL_VOTE]
+    assert (await store.verify()).ok
+
+
+async def test_a_transition_is_a_compare_and_set_that_one_racer_wins(store_url: str, store: Store) -> None:
+    await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
+    assert await store.transition_approval(
+        "req-1",
+        ApprovalState.PENDING,
+        ApprovalState.APPROVED,
+        step("req-1", EventType.APPROVAL_APPROVED),
+        {"decided_at": "2026-11-01T10:02:00+00:00"},
+    )
+    other = await opened(store_url)  # another gateway on the same store
+    try:
+        won = await asyncio.gather(
+            *(
+                racer.transition_approval(
+                    "req-1",
+                    ApprovalState.APPROVED,
+                    ApprovalState.EXECUTED,
+                    step("req-1", EventType.APPROVAL_EXECUTED),
+                    {"executed_at": "2026-11-01T10:03:00+00:00", "executed_by": f"gw-{n}"},
+                )
+                for n, racer in enumerate([store, other] * 4)
+            )
+        )
+    finally:
+        await other.close()
+    assert won.count(True) == 1
+    await store.finish_approval("req-1", {"status": "ok"}, step("req-1", EventType.APPROVAL_OUTCOME))
+    done = await store.get_approval("req-1")
+    assert done is not None and done.state is ApprovalState.EXECUTED and done.outcome == {"status": "ok"}
+    assert done.executed_by == f"gw-{won.index(True)}"
+    executed = [r for r in await store.query(AuditFilter(type=EventType.APPROVAL_EXECUTED))]
+    assert len(executed) == 1 and (await store.verify()).ok
+    assert not await store.transition_approval(
+        "req-1", ApprovalState.PENDING, ApprovalState.DENIED, step("req-1", EventType.APPROVAL_DENIED), {}
+    )
+
+
+async def test_a_watch_hears_a_change_made_through_another_store(store_url: str, store: Store) -> None:
+    await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
+    other = await opened(store_url)  # the reviewer's host
+    try:
+        async with store.watch_approvals() as changes:
+            assert not await changes.wait(0.3)
+            started = time.monotonic()
+            deciding = asyncio.create_task(
+                other.transition_approval(
+                    "req-1",
+                    ApprovalState.PENDING,
+                    ApprovalState.DENIED,
+                    step("req-1", EventType.APPROVAL_DENIED),
+                    {"decided_at": "2026-11-01T10:02:00+00:00"},
+                )
+            )
+            assert await changes.wait(5)
+            heard = time.monotonic() - started
+            assert await deciding
+    finally:
+        await other.close()
+    found = await store.get_approval("req-1")
+    assert found is not None and found.state is ApprovalState.DENIED
+    assert heard < 1.0
