@@ -5,16 +5,21 @@ request runs once however many gateways race for it."""
 from __future__ import annotations
 
 import asyncio
+import json
+import os
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
 import pytest
 
 from mcp_guard.approvals import ApprovalState
+from mcp_guard.demo.terminal import run_in_terminal
 from mcp_guard.store import open_store
 from mcp_guard.store.base import CallFilter
-from tests.approval_support import approval_config, desk, settled, sqlite_connection
+from tests.approval_support import PASSPHRASES, approval_config, desk, settled, sqlite_connection
 from tests.client import guard_client
 from tests.conftest import empty_pg_store
 
@@ -113,3 +118,31 @@ async def test_an_approved_request_claimed_by_two_gateways_at_once_runs_once(
     finally:
         await store.close()
     assert request is not None and request.state is ApprovalState.EXECUTED
+
+
+async def test_pending_and_approve_run_by_a_reviewer_on_another_host_work_against_the_team_store(
+    team_store: str, tmp_path: Path, sqlite_shop: Path
+) -> None:
+    config = team_approval_config(tmp_path, sqlite_shop, wait=20)
+    env = {**os.environ, "TEAM_STORE_URL": team_store, "COLUMNS": "200"}
+    async with guard_client(config, tmp_path, TEAM_STORE_URL=team_store) as client, desk(config) as reviewers:
+        call = asyncio.create_task(client.call("execute", **DROP))
+        request = await reviewers.next_request()
+        listed = await asyncio.to_thread(
+            subprocess.run,
+            [sys.executable, "-m", "mcp_guard", "pending", "--json", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            stdin=subprocess.DEVNULL,
+            env=env,
+        )
+        assert listed.returncode == 0, listed.stderr
+        assert [r["request_id"] for r in json.loads(listed.stdout)] == [request.id]
+        argv = [sys.executable, "-m", "mcp_guard", "approve", request.id, "--reviewer", "dana"]
+        argv += ["--comment", "checked", "--config", str(config)]
+        said = await asyncio.to_thread(run_in_terminal, argv, [PASSPHRASES["dana"]], {**env, "TERM": "dumb"})
+        reply = await settled(call)
+    assert said.returncode == 0, said.output
+    assert not reply.is_error and "Approved by local:dana" in reply.text
+    assert "api_keys" not in tables(sqlite_shop)
