@@ -6,20 +6,24 @@ import asyncio
 import os
 import subprocess
 import sys
+import uuid
 from pathlib import Path
 
 import asyncpg
 import pytest
 
 import mcp_guard
+from mcp_guard.approvals import ApprovalState
 from mcp_guard.config import load_config
 from mcp_guard.errors import AuditError, ConfigError
 from mcp_guard.store import open_store
-from mcp_guard.store.base import AuditFilter, CallFilter
-from mcp_guard.store.postgres import SCHEMA_VERSION
+from mcp_guard.store.base import AuditFilter, CallFilter, EventType, StoredCheckpoint
+from mcp_guard.store.postgres import SCHEMA_VERSION, PostgresStore
 from tests.auditing import audit_cli, audit_json
 from tests.client import guard_client
 from tests.conftest import PG_ADMIN_URL, _drop_pg_db, empty_pg_store
+from tests.test_store import event
+from tests.test_store_interface import approval_request, step
 
 REPO = Path(mcp_guard.__file__).resolve().parent.parent
 
@@ -228,3 +232,74 @@ def test_a_gateway_refuses_to_start_against_a_store_schema_newer_than_it_knows(
         asyncio.run(set_version(SCHEMA_VERSION))
     assert served.returncode != 0
     assert "written by a newer mcp-guard (schema version 99; this one understands up to" in served.stderr
+
+
+def documented_grants() -> str:
+    """The grants docs/deployment.md tells an administrator to run for the gateways and auditors."""
+    text = (REPO / "docs" / "deployment.md").read_text()
+    blocks = text.split("```sql\n")[1:]
+    (grants,) = [block.split("```")[0] for block in blocks if "GRANT SELECT, INSERT ON audit" in block]
+    return grants
+
+
+async def test_the_documented_least_privilege_roles_can_append_read_and_approve_but_not_rewrite(
+    tmp_path: Path,
+) -> None:
+    suffix = uuid.uuid4().hex[:8]
+    name, gateway, auditor = f"mcpguard_roles_{suffix}", f"mcpguard_gw_{suffix}", f"mcpguard_au_{suffix}"
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    base = PG_ADMIN_URL.rsplit("/", 1)[0]
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+        await admin.execute(f"CREATE ROLE {gateway} LOGIN")
+        await admin.execute(f"CREATE ROLE {auditor} LOGIN")
+        await PostgresStore(f"{base}/{name}").migrate()
+        owner = await asyncpg.connect(f"{base}/{name}")
+        try:
+            grants = (
+                documented_grants()
+                .replace("mcp_guard_gateway", gateway)
+                .replace("mcp_guard_auditor", auditor)
+            )
+            await owner.execute(f"GRANT USAGE ON SCHEMA public TO {gateway}, {auditor}; {grants}")
+        finally:
+            await owner.close()
+        gateway_url = f"postgresql://{gateway}@127.0.0.1:5432/{name}"
+        store = PostgresStore(gateway_url)
+        await store.open()
+        try:
+            for n in range(1, 6):
+                await store.append(event(n), durable=n == 3)
+            await store.add_checkpoint(StoredCheckpoint(5, str(await store.entry_hash(5)), "checkpoint"))
+            await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
+            assert await store.transition_approval(
+                "req-1",
+                ApprovalState.PENDING,
+                ApprovalState.DENIED,
+                step("req-1", EventType.APPROVAL_DENIED),
+                {},
+            )
+            assert (await store.verify()).ok
+            with pytest.raises(AuditError, match="cannot prune it: the store's role lacks a privilege"):
+                await store.prune(StoredCheckpoint(2, str(await store.entry_hash(2)), "prune"))
+            with pytest.raises(asyncpg.InsufficientPrivilegeError):
+                conn = await asyncpg.connect(gateway_url)
+                try:
+                    await conn.execute("UPDATE audit SET identity = 'mallory' WHERE seq = 1")
+                finally:
+                    await conn.close()
+        finally:
+            await store.close()
+        reader = PostgresStore(f"postgresql://{auditor}@127.0.0.1:5432/{name}")
+        await reader.open()
+        try:
+            assert (await reader.verify()).entries == 7
+            with pytest.raises(AuditError, match="lacks a privilege"):
+                await reader.append(event(8))
+        finally:
+            await reader.close()
+    finally:
+        await _drop_pg_db(name)
+        await admin.execute(f"DROP ROLE IF EXISTS {gateway}")
+        await admin.execute(f"DROP ROLE IF EXISTS {auditor}")
+        await admin.close()
