@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+from textual.widgets import DataTable
 
 from mcp_guard.approvals import ApprovalState
 from mcp_guard.demo.terminal import run_in_terminal
@@ -22,6 +23,7 @@ from mcp_guard.store.base import CallFilter
 from tests.approval_support import PASSPHRASES, approval_config, desk, settled, sqlite_connection
 from tests.client import guard_client
 from tests.conftest import empty_pg_store
+from tests.test_review_ui import app_for, rows_appear, type_text
 
 DROP = {"sql": "DROP TABLE api_keys", "reason": "keys moved to the vault"}
 
@@ -145,4 +147,26 @@ async def test_pending_and_approve_run_by_a_reviewer_on_another_host_work_agains
         reply = await settled(call)
     assert said.returncode == 0, said.output
     assert not reply.is_error and "Approved by local:dana" in reply.text
+    assert "api_keys" not in tables(sqlite_shop)
+
+
+async def test_the_review_ui_on_the_team_store_shows_a_request_live_and_approving_wakes_the_gateway(
+    team_store: str, tmp_path: Path, sqlite_shop: Path
+) -> None:
+    config = team_approval_config(tmp_path, sqlite_shop, wait=20)
+    async with guard_client(config, tmp_path, TEAM_STORE_URL=team_store) as client, desk(config) as reviewers:
+        app = app_for(reviewers, "dana")
+        async with app.run_test(size=(140, 45)) as pilot:
+            pending = app.query_one("#pending", DataTable)
+            call = asyncio.create_task(client.call("execute", **DROP))
+            await rows_appear(pilot, pending)  # live, through LISTEN
+            request = (await reviewers.store.list_approvals())[0]
+            assert [str(cell) for cell in pending.get_row_at(0)][0] == request.id
+            await pilot.press("a")
+            await type_text(pilot, "ok")
+            await pilot.press("enter")
+            await type_text(pilot, PASSPHRASES["dana"])
+            await pilot.press("enter")
+            reply = await settled(call)
+    assert not reply.is_error and reply.text.startswith(f"Approved by local:dana (request {request.id})")
     assert "api_keys" not in tables(sqlite_shop)
