@@ -21,7 +21,7 @@ from mcp_guard.errors import AuditError
 from mcp_guard.store.base import AuditEvent, CallFilter, EventType
 from mcp_guard.store.chain import GENESIS, canonical, link
 from mcp_guard.store.checkpoint import KEY_ENV, Ed25519PrivateKey, generate_key_file, public_key_text
-from mcp_guard.store.sqlite import SqliteStore
+from mcp_guard.store.sqlite import SCHEMA_VERSION, SqliteStore
 from tests.auditing import audit_cli, audit_json, record, shop_config
 
 V1_SCHEMA = (
@@ -125,7 +125,7 @@ def test_a_version_1_file_is_migrated_its_chain_intact_and_its_index_filled(tmp_
 
     asyncio.run(check())
     db = sqlite3.connect(path)
-    assert db.execute("PRAGMA user_version").fetchone() == (2,)
+    assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
     assert (
         db.execute("SELECT kind, tables FROM audit WHERE type = 'outcome'").fetchall()
         == [("write", '["orders"]')] * 3

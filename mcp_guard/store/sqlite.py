@@ -64,11 +64,13 @@ from mcp_guard.store.base import (
     check_schema_version,
 )
 from mcp_guard.store.base import utc_bound as _utc
+from mcp_guard.store.sqlite_approvals import SCHEMA as APPROVALS_SCHEMA
 from mcp_guard.store.sqlite_approvals import SqliteApprovals
 from mcp_guard.values import JsonValue
 
-SCHEMA_VERSION = 2
-"""1: the chain. 2: adds the derived index columns kind and tables, and the checkpoint table."""
+SCHEMA_VERSION = 3
+"""1: the chain. 2: adds the derived index columns kind and tables, and the checkpoint table.
+3: adds the approval tables (which a version-2 file may already hold, made on first use)."""
 
 Durability: TypeAlias = Literal["full", "writes", "normal"]
 _Pending: TypeAlias = tuple[str, str, bool, "asyncio.Future[int]"]
@@ -157,7 +159,6 @@ _SCHEMA_2 = (
         text TEXT NOT NULL
     ) STRICT""",
     "CREATE INDEX checkpoint_entries ON checkpoint (entries)",
-    f"PRAGMA user_version = {SCHEMA_VERSION}",
 )
 
 _MIGRATE_1 = (
@@ -169,6 +170,9 @@ _MIGRATE_1 = (
     WHERE type = 'outcome'""",
     *_SCHEMA_2,
 )
+
+# Each version's migration from the one before; version 0 (a new file) runs `_create`.
+_MIGRATIONS: dict[int, tuple[str, ...]] = {1: _MIGRATE_1, 2: APPROVALS_SCHEMA}
 
 # ?1: the bodies as a JSON array of strings; ?2: chain.GENESIS; ?3: per body, the JSON array of its
 # indexed fields in chain.INDEXED order, then its outcome's classification (or null). They come
@@ -330,10 +334,13 @@ class SqliteStore(Store):
                 version = await self._version(db)
                 if version == 0:
                     await self._create(db)
-                elif version == 1:
-                    await self._check_layout(db, _COLUMNS[:-2])
-                    for statement in _MIGRATE_1:
-                        await db.execute(statement)
+                elif version < SCHEMA_VERSION:
+                    await self._check_layout(db, _COLUMNS[:-2] if version == 1 else _COLUMNS)
+                    for step in range(version, SCHEMA_VERSION):
+                        for statement in _MIGRATIONS[step]:
+                            await db.execute(statement)
+                if version < SCHEMA_VERSION:
+                    await db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
                 await db.execute("COMMIT")
             except BaseException:
                 await db.rollback()
@@ -371,7 +378,7 @@ class SqliteStore(Store):
                 f"audit store {self.path}: this SQLite file holds other data ({', '.join(sorted(tables))}) "
                 "and no mcp-guard audit log; give the audit store a file of its own"
             )
-        for statement in (*_SCHEMA, *_SCHEMA_2):
+        for statement in (*_SCHEMA, *_SCHEMA_2, *APPROVALS_SCHEMA):
             await db.execute(statement)
 
     async def _check_layout(

@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 
 POLL_S = 0.15
 
-_SCHEMA = (
+SCHEMA = (
     """CREATE TABLE IF NOT EXISTS approval_requests (
         id TEXT PRIMARY KEY,
         call_id TEXT NOT NULL,
@@ -64,6 +64,7 @@ _SCHEMA = (
         PRIMARY KEY (request_id, reviewer)
     ) STRICT""",
 )
+"""Version 3 of the SQLite store's schema (store/sqlite.py); IF NOT EXISTS: older code made them."""
 _REQUEST_COLUMNS = (
     "id, call_id, session_id, requester, connection, digest, state, created_at, expires_at, "
     "decided_at, executed_at, executed_by, body, outcome"
@@ -147,14 +148,10 @@ class SqliteApprovals:
                     await db.execute("PRAGMA trusted_schema = OFF")
                     await db.execute(f"PRAGMA synchronous = {self._synchronous}")
                     await db.create_function("audit_link", 3, chain.link, deterministic=True)
-                    await db.execute("BEGIN IMMEDIATE")
-                    for statement in _SCHEMA:
-                        await db.execute(statement)
-                    await db.execute("COMMIT")
                 except BaseException as exc:
                     await db.close()
                     if isinstance(exc, sqlite3.Error):
-                        raise self._error("cannot prepare its approval tables", exc) from exc
+                        raise self._error("cannot open it for approvals", exc) from exc
                     raise
                 self._db = db
             return self._db
