@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 import mcp_guard
+from mcp_guard.cli import main
 from mcp_guard.errors import AuditError, ConfigError
 from mcp_guard.store import chain, open_store
 from mcp_guard.store.base import AuditEvent, AuditFilter, EventType, VerifyReport
@@ -479,3 +480,18 @@ def test_open_store_refuses_what_it_cannot_serve_without_echoing_secrets(url: st
 def test_an_unknown_durability_is_a_config_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="durability must be full, writes or normal"):
         SqliteStore(tmp_path / "audit.db", durability="sometimes")  # type: ignore[arg-type]
+
+
+def test_store_migrate_upgrades_a_version_2_file_and_says_so(
+    log20: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    run_sql(log20, "DROP TABLE approval_requests", "DROP TABLE approval_votes", "PRAGMA user_version = 2")
+    assert main(["store", "migrate", "--store", f"sqlite://{log20}"]) == 0
+    said = capsys.readouterr().out
+    assert f"audit store sqlite://{log20}: schema upgraded from version 2 to {SCHEMA_VERSION}" in said
+    with closing(sqlite3.connect(log20)) as db:
+        names = {row[0] for row in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        assert db.execute("PRAGMA user_version").fetchone() == (SCHEMA_VERSION,)
+    assert {"approval_requests", "approval_votes", "audit", "checkpoint"} <= names
+    assert main(["store", "migrate", "--store", f"sqlite://{log20}"]) == 0
+    assert f"schema version {SCHEMA_VERSION}, up to date" in capsys.readouterr().out
