@@ -89,9 +89,8 @@ DECLARE
     first_seq bigint;
     digest bytea;
 BEGIN
-    IF NOT p_durable THEN
-        PERFORM set_config('synchronous_commit', 'off', true);
-    END IF;
+    -- durable entries wait for the WAL flush whatever the server's default; the others need not
+    PERFORM set_config('synchronous_commit', CASE WHEN p_durable THEN 'on' ELSE 'off' END, true);
     PERFORM pg_advisory_xact_lock({_LOCK});
     SELECT seq, hash INTO last_seq, last_hash FROM audit ORDER BY seq DESC LIMIT 1;
     IF NOT FOUND THEN
