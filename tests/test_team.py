@@ -303,3 +303,31 @@ async def test_the_documented_least_privilege_roles_can_append_read_and_approve_
         await admin.execute(f"DROP ROLE IF EXISTS {gateway}")
         await admin.execute(f"DROP ROLE IF EXISTS {auditor}")
         await admin.close()
+
+
+async def test_appends_while_the_store_connections_are_cut_fail_clearly_and_the_store_then_recovers(
+    team_store: str,
+) -> None:
+    store = PostgresStore(team_store)
+    await store.open()
+    admin = await asyncpg.connect(PG_ADMIN_URL)
+    try:
+        assert await store.append(event(1)) == 1
+        database = team_store.rsplit("/", 1)[1]
+        await admin.execute(
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity WHERE datname = $1", database
+        )
+        outcomes = []
+        for n in range(2, 5):
+            try:
+                outcomes.append(await store.append(event(n)))
+            except AuditError as error:
+                assert "the entry was not recorded" in str(error) and "connection" in str(error)
+                outcomes.append(None)
+        assert outcomes[-1] is not None, "the store never reconnected"
+        recorded = [r.event.detail["n"] for r in await store.query(AuditFilter())]
+        assert recorded == [1, *(n for n, seq in zip(range(2, 5), outcomes, strict=True) if seq)]
+        assert (await store.verify()).ok
+    finally:
+        await admin.close()
+        await store.close()
