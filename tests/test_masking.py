@@ -19,7 +19,7 @@ from mcp_guard.classify import classify
 from mcp_guard.config import ALL_DETECTORS, DEMO_MASKING
 from mcp_guard.demo.data import shop_rows
 from mcp_guard.detectors import Detectors
-from mcp_guard.lineage import lineage
+from mcp_guard.lineage import lineage, statement_lineage
 from mcp_guard.masking import ColumnMask, Masking, partial_value, semantic_type
 from mcp_guard.rewrite import MaskPlan, rewrite
 from mcp_guard.seal import SealError, seal, unseal
@@ -99,6 +99,38 @@ def test_the_rewrite_wraps_only_relations_with_masked_columns():
     assert "JOIN orders AS o" in done.sql and ") AS c" in done.sql
     assert len(done.bound) == 2 and "$1" in done.sql  # the ssn hash binds the key halves
     assert done.bound[0] not in repr(done)
+
+
+def test_a_cached_rewrite_never_serves_another_caller_or_another_schema():
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    exempt = tuple(rule for rule in DEMO_MASKING.rules if not rule.columns or "*.ssn" not in rule.columns)
+    statement = classify("SELECT c.ssn, c.phone FROM customers c", "postgres").statements[0]
+    masked_plan = MaskPlan(masking, DEMO_MASKING.rules, shop_catalog())
+    first = rewrite(statement, masked_plan, 0)
+    assert first is not None and rewrite(statement, masked_plan, 0) is first  # computed once
+    clear = rewrite(statement, MaskPlan(masking, exempt, shop_catalog()), 0)  # another caller's rules
+    assert 'AS "ssn"' in first.sql and clear is not None and 'AS "ssn"' not in clear.sql
+    shifted = rewrite(statement, masked_plan, 1)  # one more caller parameter: the key moves to $2, $3
+    assert "$3" in shifted.sql and "$3" not in first.sql
+    # The schema read again (a phone column added): a new catalog, a new plan, nothing reused.
+    assert statement_lineage(statement, masked_plan.catalog) is None  # phone unknown: all masked
+    added = Relation("public", "customers", "table", (("id", "int"), ("ssn", "text"), ("phone", "text")))
+    catalog = Catalog(DbSchema((added,), ("pg_catalog", "public"), True), "postgres")
+    assert str(statement_lineage(statement, catalog)[1].direct) == "public.customers.phone"
+    again = rewrite(statement, MaskPlan(masking, DEMO_MASKING.rules, catalog), 0)
+    assert again is not None and 'AS "phone"' in again.sql and 'AS "phone"' not in first.sql
+
+
+def test_the_masked_form_is_the_one_built_without_the_cache():
+    plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
+    sql = (
+        "WITH recent AS (SELECT * FROM orders) SELECT c.email, x.email, r.total FROM customers AS c(a, b) "
+        "JOIN customers x ON x.id = c.a JOIN recent r ON r.customer_id = x.id"
+    )
+    done = rewrite(classify(sql, "postgres").statements[0], plan, 0)
+    assert done is not None and "mcp_guard_masked" not in done.sql
+    assert ") AS c(a, b)" in done.sql and ") AS x ON" in done.sql and "FROM orders" in done.sql
+    assert done.sql.count("FROM customers)") == 2
 
 
 def test_semantic_types_come_from_column_names():
