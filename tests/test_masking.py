@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import os
+import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -380,3 +382,56 @@ def test_a_column_without_digits_or_markers_is_skipped_but_a_bare_secret_is_stil
     secrets = [["key is sk_live_abcdefghijkl"], ["xoxb-abcdefghijk"], ["ghp_abcdefghijklmnop"]]
     assert len(detectors.scan(secrets, [0])) == 3
     assert all(row[0].endswith("[masked:secret]") for row in secrets)
+
+
+_PIECES = [
+    *"4111 1111 1111 1111|4111-1111-1111-1112|123-45-6789|000-12-3456|+1-202-555-0143".split("|"),
+    *"(202) 555-0143|202.555.0143|+44 20 7946 0958|ada@example.com|a.b+c@x-y.co.uk|@|x@y".split("|"),
+    *"GB82 WEST 1234 5698 7654 32".split("|"),
+    *"DE89370400440532013000|192.168.1.20|10.0.0.256|dead:beef:cafe|sk_live_abcdefghijkl".split("|"),
+    *"ghp_abcdefgh1|SG.abcdefgh.ijkl|github_pat_abcdefgh1".split("|"),
+    *"2001:0db8:85a3:0000:0000:8a2e:0370:7334|xoxb-123456789|AKIAIOSFODNN7EXAMPLE|ASIA12345678".split("|"),
+    *"AIzaSyA1234567|sk-ant-api03-abcdefgh|sk-proj-abcdefghij".split("|"),
+    *"glpat-abcdefghij|pypi-AgEIcHlwaS5vcmc|hf_abcdefghij|npm_abcdefghij|shpat_abcdefghij".split("|"),
+    *"rk_test_abcdefghij|eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc|eyJhbGciOiJI.eyJzdWIi.".split("|"),
+    *" |-|.|(|)|+|:|_|a|Z|0|9|12|123|1234|12345|user1234|\n|é|AB12|GB82|555|\0|sk|xox|A|K|IA|SG".split("|"),
+]
+
+
+def _alternation(enabled):
+    """The detectors' meaning as written: one leftmost-first alternation of `_DETECTORS`."""
+    from mcp_guard.detectors import _DETECTORS
+
+    chosen = [d for d in _DETECTORS if d[0] in enabled]
+    pattern = re.compile("|".join(f"(?P<d{i}>{regex})" for i, (_, regex, _) in enumerate(chosen)))
+    checks = {f"d{i}": (name, check) for i, (name, _, check) in enumerate(chosen)}
+
+    def replace(text):
+        found = []
+
+        def substitute(match):
+            name, check = checks[match.lastgroup]
+            if not check(match.group()):
+                return match.group()
+            found.append(name)
+            return f"[masked:{name}]"
+
+        return pattern.sub(substitute, text), tuple(dict.fromkeys(found))
+
+    return replace
+
+
+@pytest.mark.parametrize(
+    "enabled", [ALL_DETECTORS, ("email", "phone"), ("card", "ssn", "ip"), ("secret", "jwt", "iban")]
+)
+def test_the_fast_detectors_replace_exactly_what_the_alternation_does(enabled):
+    rng = random.Random(3)
+    texts = ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 8))) for _ in range(3000)]
+    reference, detectors = _alternation(enabled), Detectors(enabled)
+    assert [detectors.replace(text) for text in texts] == [reference(text) for text in texts]
+    rows = [[index, text] for index, text in enumerate(texts)]
+    found = detectors.scan(rows, [1])  # the whole column as one text
+    assert [row[1] for row in rows] == [reference(text)[0] for text in texts]
+    assert [(f.row, f.kinds, f.original) for f in found] == [
+        (i, reference(text)[1], text) for i, text in enumerate(texts) if reference(text)[1]
+    ]
