@@ -60,8 +60,11 @@ def _iban(text: str) -> bool:
     return int(number) % 97 == 1
 
 
+_NOT_DIGIT = re.compile(r"[^0-9]")
+
+
 def _phone(text: str) -> bool:
-    return 8 <= len(re.sub(r"[^0-9]", "", text)) <= 15
+    return 8 <= len(_NOT_DIGIT.sub("", text)) <= 15
 
 
 def _jwt(text: str) -> bool:
@@ -121,7 +124,7 @@ _LOCAL_PART = re.compile(r"[A-Za-z0-9._%+-]*")
 _EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
 
 
-def _find_email(text: str, pos: int) -> tuple[int, int] | None:
+def _find_email(text: str, pos: int) -> tuple[int, int, DetectorName] | None:
     """The leftmost email at or after `pos`, found from its `@` (memchr speed) instead of trying the
     local part's character class at every position. An email holds exactly one `@`; its match starts
     where the run of local-part characters before that `@` starts (not before `pos`)."""
@@ -137,7 +140,7 @@ def _find_email(text: str, pos: int) -> tuple[int, int] | None:
                     break
                 width *= 4
             if start < at:
-                return start, domain.end()
+                return start, domain.end(), "email"
         at = text.find("@", at + 1)
     return None
 
@@ -158,7 +161,7 @@ class _Branch:
     """Literals of which the text must hold one from each group, or the branch cannot match there."""
     gate: re.Pattern[str] | None = None
     """A pattern the text must hold, or the branch cannot match there."""
-    find: Callable[[str, int], tuple[int, int] | None] | None = None
+    find: Callable[[str, int], tuple[int, int, DetectorName] | None] | None = None
 
 
 _BRANCHES: tuple[_Branch, ...] = (
@@ -198,44 +201,19 @@ def _finders(branches: tuple[_Branch, ...]) -> tuple[_Finder, ...]:
     finders: list[_Finder] = []
     index = 0
     while index < len(branches):
-        branch = branches[index]
-        if branch.find is not None:
-            finders.append(_named(branch.find, branch.name))
-            index += 1
-        elif not branch.lead:
-            finders.append(_named(_regex(branch.pattern), branch.name))
-            index += 1
-        else:
-            run = [branch]
-            while index + len(run) < len(branches) and branches[index + len(run)].lead:
-                run.append(branches[index + len(run)])
-            finders.append(_led(tuple(run)))
-            index += len(run)
+        run = [branches[index]]
+        while run[0].lead and index + len(run) < len(branches) and branches[index + len(run)].lead:
+            run.append(branches[index + len(run)])
+        finders.append(run[0].find or _search(tuple(run)))
+        index += len(run)
     return tuple(finders)
 
 
-def _regex(pattern: str) -> Callable[[str, int], tuple[int, int] | None]:
-    search = re.compile(pattern).search
-
-    def find(text: str, pos: int) -> tuple[int, int] | None:
-        match = search(text, pos)
-        return match.span() if match is not None else None
-
-    return find
-
-
-def _named(find: Callable[[str, int], tuple[int, int] | None], name: DetectorName) -> _Finder:
-    def named(text: str, pos: int) -> tuple[int, int, DetectorName] | None:
-        span = find(text, pos)
-        return (span[0], span[1], name) if span is not None else None
-
-    return named
-
-
-def _led(run: tuple[_Branch, ...]) -> _Finder:
+def _search(run: tuple[_Branch, ...]) -> _Finder:
+    """The leftmost match of the branches' alternation at or after a position: (start, end, kind)."""
     lead = "".join(dict.fromkeys(branch.lead for branch in run))
     alternatives = "|".join(f"(?P<b{i}>{branch.pattern})" for i, branch in enumerate(run))
-    search = re.compile(f"[{lead}](?:{alternatives})").search
+    search = re.compile(f"[{lead}](?:{alternatives})" if lead else alternatives).search
     names = {f"b{i}": branch.name for i, branch in enumerate(run)}
 
     def find(text: str, pos: int) -> tuple[int, int, DetectorName] | None:
@@ -285,26 +263,30 @@ class Detectors:
                 and (branch.gate is None or branch.gate.search(text) is not None)
             )
         )
-        upcoming: list[tuple[int, int, DetectorName] | None] = [None] * len(finders)
-        live = list(range(len(finders)))
+        checks = self._checks
+        live = [(match, find) for find in finders if (match := find(text, 0)) is not None]
         found: list[tuple[int, int, DetectorName]] = []
-        pos = 0
         while live:
-            best: tuple[int, int, DetectorName] | None = None
-            for index in list(live):
-                match = upcoming[index]
-                if match is None or match[0] < pos:
-                    match = upcoming[index] = finders[index](text, pos)
-                    if match is None:
-                        live.remove(index)
-                        continue
-                if best is None or match[0] < best[0]:
+            best = live[0][0]
+            for match, _ in live:  # the leftmost; on a tie, the branch listed first
+                if match[0] < best[0]:
                     best = match
-            if best is None:
-                break
-            if self._checks[best[2]](text[best[0] : best[1]]):
+            if checks[best[2]](text[best[0] : best[1]]):
                 found.append(best)
             pos = best[1]
+            if len(live) == 1:
+                match, find = live[0]
+                next_match = find(text, pos)
+                live = [(next_match, find)] if next_match is not None else []
+                continue
+            kept = []
+            for match, find in live:
+                if match[0] < pos:  # passed: this branch's next match from here on
+                    if (again := find(text, pos)) is None:
+                        continue
+                    match = again
+                kept.append((match, find))
+            live = kept
         return found
 
     def replace(self, text: str) -> tuple[str, tuple[str, ...]]:
@@ -384,6 +366,9 @@ class Detectors:
 
 def _replaced(text: str, matches: list[tuple[int, int, DetectorName]], offset: int) -> str:
     """`text` with each match (offsets into a text where `text` starts at `offset`) replaced."""
+    if len(matches) == 1:
+        start, end, name = matches[0]
+        return f"{text[: start - offset]}[masked:{name}]{text[end - offset :]}"
     parts = []
     last = 0
     for start, end, name in matches:

@@ -3,6 +3,8 @@ audit's sealed originals, the index scan kept, and the analysis units that fail 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
 import random
@@ -330,6 +332,9 @@ async def test_postgres_keeps_the_index_scan_of_a_point_query(pg_shop_url):
 def test_masks_agree_between_python_and_their_sql(tmp_path):
     masking = Masking(DEMO_MASKING, b"k" * 32)
     assert masking.mask_value(ColumnMask("hash", "r"), "x") == masking.hash_value("x")
+    for key in (b"k" * 32, b"long key " * 10):  # the precomputed HMAC is the standard one
+        expected = hmac.new(key, "ssn é 123".encode(), hashlib.sha256).hexdigest()[:16]
+        assert Masking(DEMO_MASKING, key).hash_value("ssn é 123") == expected
     assert masking.mask_value(ColumnMask("redact", "r"), "x") == "[masked]"
 
 
