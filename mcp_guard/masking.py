@@ -242,15 +242,17 @@ def partial_value(value: object, kind: str) -> str | None:
     return "***" + text[-4:] if len(text) >= 8 else MARKER
 
 
-# PostgreSQL: {c} is the column, {t} the column as text, {d} its digits; the key halves are {ki}, {ko}.
+# PostgreSQL: {c} is the column, {t} the column as text, {d} its digits, {n} how many digits it holds
+# (counted with translate(), several times cheaper per row than a second regexp_replace); the key
+# halves are {ki}, {ko}.
 _PG_PARTIAL = {
     "email": "CASE WHEN {c} IS NULL THEN NULL WHEN strpos({t}, '@') > 0 "
     "THEN '***@' || split_part({t}, '@', 2) ELSE '{m}' END",
-    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 12 "
+    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 12 "
     "THEN '**** ' || right({d}, 4) ELSE '{m}' END",
-    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 7 "
+    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 7 "
     "THEN '***' || right({d}, 2) ELSE '{m}' END",
-    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN length({d}) >= 8 "
+    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 8 "
     "THEN '***-**-' || right({d}, 4) ELSE '{m}' END",
     "iban": "CASE WHEN {c} IS NULL THEN NULL WHEN length({x}) >= 15 "
     "THEN left({x}, 2) || '** **** ' || right({x}, 4) ELSE '{m}' END",
@@ -286,6 +288,7 @@ def _template(
             "c": slot,
             "t": f"CAST({slot} AS TEXT)",
             "d": f"regexp_replace(CAST({slot} AS TEXT), '[^0-9]', '', 'g')",
+            "n": f"length(CAST({slot} AS TEXT)) - length(translate(CAST({slot} AS TEXT), '0123456789', ''))",
             "x": f"upper(regexp_replace(CAST({slot} AS TEXT), '[^0-9A-Za-z]', '', 'g'))",
             "m": MARKER,
             "ki": f"CAST(${key[0]} AS BYTEA)",

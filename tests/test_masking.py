@@ -440,3 +440,24 @@ def test_the_fast_detectors_replace_exactly_what_the_alternation_does(enabled):
     assert [(f.row, f.kinds, f.original) for f in found] == [
         (i, reference(text)[1], text) for i, text in enumerate(texts) if reference(text)[1]
     ]
+
+
+async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    values = [
+        *("ada@example.com", "a@b@c", "no at sign", "4111 1111 1111 1234", "+1 (202) 555-0143", "12345"),
+        *("123-45-6789", "１２３４５６７８９０１２", "tel 12 34 56 7", "GB82 WEST 1234 5698 7654 32"),
+        *("192.168.1.20", "sk_live_abcdefghijkl", "short", "", "é" * 9, "a1b2c3d4e5f6g7h8", "99 99 999"),
+        *("9999 9999 9999", "9999-9999", "999 999", "9999-999"),  # at each threshold
+    ]
+    conn = await asyncpg.connect(pg_shop_url)
+    try:
+        for kind in ("email", "card", "phone", "ssn", "iban", "ip", "secret", None):
+            mask = ColumnMask("partial", "r", kind)
+            expression = masking.expression(mask, sqlglot.exp.column("v"), "postgres", (2, 3)).sql("postgres")
+            rows = await conn.fetch(
+                f"SELECT {expression} FROM unnest($1::text[]) WITH ORDINALITY AS u(v, i) ORDER BY i", values
+            )
+            assert [row[0] for row in rows] == [partial_value(value, kind or "") for value in values], kind
+    finally:
+        await conn.close()
