@@ -306,7 +306,7 @@ class Detectors:
         for column in columns:
             found: list[Finding] = []
             values = [row[column] for row in rows]
-            rows_of = [index for index, value in enumerate(values) if type(value) is str]
+            rows_of = [index for index, value in enumerate(values) if isinstance(value, str)]
             if len(rows_of) < len(values):
                 for index, value in enumerate(values):
                     if isinstance(value, dict | list) or (

@@ -161,6 +161,13 @@ def test_detectors_validate_before_replacing():
     found = detectors.scan(rows, [1])
     assert rows[0][1] == {"[masked:email]": ["call [masked:phone]"]} and found[0].kinds == ("email", "phone")
 
+    class Text(str):  # a driver's own string type is still text
+        pass
+
+    mixed = [[Text("mail ada@example.com")], [12345678901234], ["4111 1111 1111 1111"], [None]]
+    found = detectors.scan(mixed, [0])
+    assert [f.row for f in found] == [0, 2] and mixed[0][0] == "mail [masked:email]"
+
 
 def test_sealed_originals_open_only_with_the_key_and_untouched():
     key, other = bytes(range(32)), bytes(32)
