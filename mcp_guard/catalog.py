@@ -35,6 +35,9 @@ class Catalog:
     dialect: str
     _by_name: dict[tuple[str, str], Relation] = field(init=False, repr=False)
     _mapping: MappingSchema | None = field(init=False, default=None, repr=False)
+    memo: dict[object, object] = field(init=False, default_factory=dict, repr=False)
+    """What is computed from this schema alone (column lineage per statement): a schema read anew is
+    a new Catalog, so nothing computed against an older one is reused."""
 
     def __post_init__(self) -> None:
         self._by_name = {(self._fold(r.schema), self._fold(r.name)): r for r in self.schema.relations}

@@ -23,7 +23,7 @@ from rich.markup import escape
 from rich.table import Table
 
 from mcp_guard.classify import StatementKind, classify
-from mcp_guard.config import Config, config_path_from_env, demo_config, load_config
+from mcp_guard.config import Config, config_path_from_env, demo_config, guard_home, load_config
 from mcp_guard.errors import ConfigError, GuardError, UsageError
 from mcp_guard.policy import decide, needs_estimate
 
@@ -411,6 +411,15 @@ def cmd_deny(args: argparse.Namespace) -> int:
     return _decide(args, "deny", args.reason)
 
 
+def _review_witness(args: argparse.Namespace) -> tuple[Path, set[str]]:
+    """Where the review UI keeps the newest checkpoint it has seen (beside the reviewer, outside the
+    store), and the keys it trusts: a store cut or rolled back while a reviewer watched is reported."""
+    from mcp_guard.audit.commands import setup
+
+    audit = setup(args)
+    return guard_home() / "review-checkpoint.txt", audit.trusted_keys()
+
+
 def cmd_review(args: argparse.Namespace) -> int:
     from mcp_guard.review.app import ReviewApp
 
@@ -424,7 +433,7 @@ def cmd_review(args: argparse.Namespace) -> int:
                     f"{name!r} is not a reviewer in this configuration; enrol with `mcp-guard reviewer init "
                     f"{name}` or pass --reviewer NAME (see docs/approvals.md)"
                 )
-            await ReviewApp(approvals, reviewer, f"review-{uuid.uuid4()}").run_async()
+            await ReviewApp(approvals, reviewer, f"review-{uuid.uuid4()}", _review_witness(args)).run_async()
 
     asyncio.run(run())
     return EXIT_OK

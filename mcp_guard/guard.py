@@ -48,7 +48,7 @@ from mcp_guard.config import Config, ConnectionSettings
 from mcp_guard.detectors import Detectors
 from mcp_guard.errors import ApprovalError, AuditError, ConfigError, GuardError, PolicyDenied, UsageError
 from mcp_guard.identity import Identity
-from mcp_guard.lineage import lineage
+from mcp_guard.lineage import statement_lineage
 from mcp_guard.masking import Masking
 from mcp_guard.policy import Decision, Requirement, decide, decide_statement, needs_estimate
 from mcp_guard.protect import Protected, originals_record, protect
@@ -767,8 +767,8 @@ class Guard:
     def _protect(self, reads: _MaskedReads, statement: Statement, result: ResultSet) -> Protected:
         settings = self.config.settings.masking
         outputs = None
-        if reads.catalog is not None and statement.tree is not None:
-            outputs = lineage(statement.tree, reads.catalog)
+        if reads.catalog is not None:
+            outputs = statement_lineage(statement, reads.catalog)
         return protect(result, outputs, reads.plan, self.detectors, settings.detector_exclude)
 
     def _masking_summary(

@@ -20,9 +20,12 @@ from sqlglot.optimizer.scope import Scope, build_scope
 
 from mcp_guard.backends.base import Relation
 from mcp_guard.catalog import Catalog
-from mcp_guard.classify import refers_to_cte
+from mcp_guard.classify import Statement, refers_to_cte
 
 log = logging.getLogger(__name__)
+
+CACHE_SIZE = 512
+"""Lineages kept per catalog (oldest dropped first)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,6 +59,23 @@ class _Flow:
     def add(self, other: _Flow) -> None:
         self.sources |= other.sources
         self.unresolved = self.unresolved or other.unresolved
+
+
+def statement_lineage(statement: Statement, catalog: Catalog) -> list[ColumnLineage] | None:
+    """`lineage` of a classified statement, computed once per catalog: it depends on the statement's
+    text (its tree is parsed from it) and the schema only, not on who asks."""
+    if statement.tree is None:
+        return None
+    key = ("lineage", statement.text)
+    if key in catalog.memo:
+        found = catalog.memo[key]
+    else:
+        outputs = lineage(statement.tree, catalog)
+        found = tuple(outputs) if outputs is not None else None
+        if len(catalog.memo) >= CACHE_SIZE:
+            del catalog.memo[next(iter(catalog.memo))]
+        catalog.memo[key] = found
+    return list(found) if isinstance(found, tuple) else None
 
 
 def lineage(tree: exp.Expression, catalog: Catalog) -> list[ColumnLineage] | None:

@@ -11,6 +11,7 @@ its definition with column lineage (see docs/architecture.md for why views are w
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 
 import sqlglot
@@ -27,6 +28,8 @@ from mcp_guard.masking import ColumnMask, Masking
 
 MASKING_RULE = "builtin:masking"
 VIEW_RULE = "builtin:view-lineage"
+CACHE_SIZE = 512
+"""Rewrites kept per plan (oldest dropped first)."""
 
 
 class MaskPlan:
@@ -46,6 +49,10 @@ class MaskPlan:
         """Every rule of the connection, the caller's exceptions included."""
         self._masks: dict[tuple[str, str], dict[str, ColumnMask]] = {}
         self._busy: set[tuple[str, str]] = set()
+        self._derived: dict[tuple[str, str, tuple[int, int]], tuple[str, bool]] = {}
+        self._rewrites: dict[tuple[str, int], Rewritten | None] = {}
+        """rewrite() results by (statement text, parameter count). A plan is one caller's rules over one
+        catalog and a schema read anew makes a new plan, so a cached rewrite never outlives either."""
 
     @property
     def active(self) -> bool:
@@ -92,6 +99,31 @@ class MaskPlan:
                 return ColumnMask("redact", mask.rule)
         return None
 
+    def derived(self, relation: Relation, key: tuple[int, int]) -> tuple[str, bool]:
+        """The masked projection over `relation` (`SELECT ..., <mask> AS "email", ...`, as SQL) that
+        replaces a reference to it, and whether it binds the hash key; built once per relation."""
+        cache_key = (relation.schema, relation.name, key)
+        found = self._derived.get(cache_key)
+        if found is not None:
+            return found
+        dialect = self.catalog.dialect
+        masks = self.masks(relation)
+        projections: list[exp.Expression] = []
+        uses_key = False
+        for column, _ in relation.columns:
+            reference = exp.column(column, quoted=True)
+            mask = masks.get(column)
+            if mask is None:
+                projections.append(reference)
+                continue
+            uses_key = uses_key or (mask.strategy == "hash" and dialect == "postgres")
+            projections.append(
+                exp.alias_(self.masking.expression(mask, reference, dialect, key), column, quoted=True)
+            )
+        found = (exp.Select(expressions=projections).sql(dialect), uses_key)
+        self._derived[cache_key] = found
+        return found
+
     def _view_masks(self, relation: Relation) -> dict[str, ColumnMask]:
         tree = _view_tree(relation, self.catalog.dialect)
         outputs = lineage(tree, self.catalog) if tree is not None else None
@@ -134,45 +166,63 @@ class Rewritten:
 
 
 def rewrite(statement: Statement, plan: MaskPlan, param_count: int) -> Rewritten | None:
-    """The statement with masked sources; None when it reads no masked relation (it runs as written)."""
-    dialect = plan.catalog.dialect
+    """The statement with masked sources; None when it reads no masked relation (it runs as written).
+    Cached per plan: the same SQL from the same caller on the same schema is rewritten once."""
     if statement.tree is None:
         return None
+    key = (statement.text, param_count)
+    if key in plan._rewrites:
+        return plan._rewrites[key]
+    rewritten = _rewrite(statement, plan, param_count)  # a refusal raises and is not cached
+    if len(plan._rewrites) >= CACHE_SIZE:
+        del plan._rewrites[next(iter(plan._rewrites))]
+    plan._rewrites[key] = rewritten
+    return rewritten
+
+
+_SLOT = f"mcp_guard_masked_{secrets.token_hex(8)}_"
+"""Names the placeholder of each masked derived table while the statement is generated; random per
+process, so no caller's SQL can spell it."""
+
+
+def _rewrite(statement: Statement, plan: MaskPlan, param_count: int) -> Rewritten | None:
+    """Each masked table reference becomes a placeholder in a copy of the tree; the SQL generated
+    from it gets each placeholder replaced by its derived table's text (generated once per relation,
+    not deep-copied and regenerated per query). `_check_regenerated` then re-reads the result."""
+    dialect = plan.catalog.dialect
+    assert statement.tree is not None
     work = statement.tree.copy()
     key = (param_count + 1, param_count + 2)
     replaced: list[str] = []
     uses_key = False
+    derived_tables: dict[str, str] = {}
     for table in list(work.find_all(exp.Table)):
         if not isinstance(table.this, exp.Identifier) or refers_to_cte(table, dialect):
             continue
         relation = plan.catalog.resolve(table)
         if relation is None:
             raise PolicyDenied(f"table {table.sql(dialect)} is not known to masking", rule=MASKING_RULE)
-        masks = plan.masks(relation)
-        if not masks:
+        if not plan.masks(relation):
             continue
-        projections: list[exp.Expression] = []
-        for column, _ in relation.columns:
-            reference = exp.column(column, quoted=True)
-            mask = masks.get(column)
-            if mask is None:
-                projections.append(reference)
-                continue
-            uses_key = uses_key or (mask.strategy == "hash" and dialect == "postgres")
-            projections.append(
-                exp.alias_(plan.masking.expression(mask, reference, dialect, key), column, quoted=True)
-            )
-        inner = table.copy()
-        inner.set("alias", None)
+        select, binds = plan.derived(relation, key)
+        uses_key = uses_key or binds
         alias = table.args.get("alias")
+        table.set("alias", None)
         if alias is None:
             alias = exp.TableAlias(this=table.this.copy())
-        derived = exp.Subquery(this=exp.Select(expressions=projections).from_(inner), alias=alias.copy())
-        table.replace(derived)
+        slot = f"{_SLOT}{len(derived_tables):04d}"
+        derived_tables[slot] = f"({select} FROM {table.sql(dialect)})"
+        table.replace(exp.Table(this=exp.to_identifier(slot), alias=alias))
         replaced.append(relation.qualified_name)
     if not replaced:
         return None
     sql = work.sql(dialect)
+    for slot, text in derived_tables.items():
+        if sql.count(slot) != 1:
+            raise PolicyDenied(
+                "the masked form of this statement could not be generated; refused", rule=MASKING_RULE
+            )
+        sql = sql.replace(slot, text)
     _check_regenerated(statement, sql, dialect)
     return Rewritten(
         sql, tuple(plan.masking.key_params()) if uses_key else (), tuple(dict.fromkeys(replaced))

@@ -3,8 +3,12 @@ audit's sealed originals, the index scan kept, and the analysis units that fail 
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
 import os
+import random
+import re
 import sqlite3
 import subprocess
 import sys
@@ -19,7 +23,7 @@ from mcp_guard.classify import classify
 from mcp_guard.config import ALL_DETECTORS, DEMO_MASKING
 from mcp_guard.demo.data import shop_rows
 from mcp_guard.detectors import Detectors
-from mcp_guard.lineage import lineage
+from mcp_guard.lineage import lineage, statement_lineage
 from mcp_guard.masking import ColumnMask, Masking, partial_value, semantic_type
 from mcp_guard.rewrite import MaskPlan, rewrite
 from mcp_guard.seal import SealError, seal, unseal
@@ -101,6 +105,38 @@ def test_the_rewrite_wraps_only_relations_with_masked_columns():
     assert done.bound[0] not in repr(done)
 
 
+def test_a_cached_rewrite_never_serves_another_caller_or_another_schema():
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    exempt = tuple(rule for rule in DEMO_MASKING.rules if not rule.columns or "*.ssn" not in rule.columns)
+    statement = classify("SELECT c.ssn, c.phone FROM customers c", "postgres").statements[0]
+    masked_plan = MaskPlan(masking, DEMO_MASKING.rules, shop_catalog())
+    first = rewrite(statement, masked_plan, 0)
+    assert first is not None and rewrite(statement, masked_plan, 0) is first  # computed once
+    clear = rewrite(statement, MaskPlan(masking, exempt, shop_catalog()), 0)  # another caller's rules
+    assert 'AS "ssn"' in first.sql and clear is not None and 'AS "ssn"' not in clear.sql
+    shifted = rewrite(statement, masked_plan, 1)  # one more caller parameter: the key moves to $2, $3
+    assert "$3" in shifted.sql and "$3" not in first.sql
+    # The schema read again (a phone column added): a new catalog, a new plan, nothing reused.
+    assert statement_lineage(statement, masked_plan.catalog) is None  # phone unknown: all masked
+    added = Relation("public", "customers", "table", (("id", "int"), ("ssn", "text"), ("phone", "text")))
+    catalog = Catalog(DbSchema((added,), ("pg_catalog", "public"), True), "postgres")
+    assert str(statement_lineage(statement, catalog)[1].direct) == "public.customers.phone"
+    again = rewrite(statement, MaskPlan(masking, DEMO_MASKING.rules, catalog), 0)
+    assert again is not None and 'AS "phone"' in again.sql and 'AS "phone"' not in first.sql
+
+
+def test_the_masked_form_is_the_one_built_without_the_cache():
+    plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
+    sql = (
+        "WITH recent AS (SELECT * FROM orders) SELECT c.email, x.email, r.total FROM customers AS c(a, b) "
+        "JOIN customers x ON x.id = c.a JOIN recent r ON r.customer_id = x.id"
+    )
+    done = rewrite(classify(sql, "postgres").statements[0], plan, 0)
+    assert done is not None and "mcp_guard_masked" not in done.sql
+    assert ") AS c(a, b)" in done.sql and ") AS x ON" in done.sql and "FROM orders" in done.sql
+    assert done.sql.count("FROM customers)") == 2
+
+
 def test_semantic_types_come_from_column_names():
     assert semantic_type("contact_email") == "email" and semantic_type("card_number") == "card"
     assert (
@@ -124,6 +160,13 @@ def test_detectors_validate_before_replacing():
     rows = [["a", {"ada@example.com": ["call +1-202-555-0143"]}]]
     found = detectors.scan(rows, [1])
     assert rows[0][1] == {"[masked:email]": ["call [masked:phone]"]} and found[0].kinds == ("email", "phone")
+
+    class Text(str):  # a driver's own string type is still text
+        pass
+
+    mixed = [[Text("mail ada@example.com")], [12345678901234], ["4111 1111 1111 1111"], [None]]
+    found = detectors.scan(mixed, [0])
+    assert [f.row for f in found] == [0, 2] and mixed[0][0] == "mail [masked:email]"
 
 
 def test_sealed_originals_open_only_with_the_key_and_untouched():
@@ -296,6 +339,9 @@ async def test_postgres_keeps_the_index_scan_of_a_point_query(pg_shop_url):
 def test_masks_agree_between_python_and_their_sql(tmp_path):
     masking = Masking(DEMO_MASKING, b"k" * 32)
     assert masking.mask_value(ColumnMask("hash", "r"), "x") == masking.hash_value("x")
+    for key in (b"k" * 32, b"long key " * 10):  # the precomputed HMAC is the standard one
+        expected = hmac.new(key, "ssn é 123".encode(), hashlib.sha256).hexdigest()[:16]
+        assert Masking(DEMO_MASKING, key).hash_value("ssn é 123") == expected
     assert masking.mask_value(ColumnMask("redact", "r"), "x") == "[masked]"
 
 
@@ -348,3 +394,77 @@ def test_a_column_without_digits_or_markers_is_skipped_but_a_bare_secret_is_stil
     secrets = [["key is sk_live_abcdefghijkl"], ["xoxb-abcdefghijk"], ["ghp_abcdefghijklmnop"]]
     assert len(detectors.scan(secrets, [0])) == 3
     assert all(row[0].endswith("[masked:secret]") for row in secrets)
+
+
+_PIECES = [
+    *"4111 1111 1111 1111|4111-1111-1111-1112|123-45-6789|000-12-3456|+1-202-555-0143".split("|"),
+    *"(202) 555-0143|202.555.0143|+44 20 7946 0958|ada@example.com|a.b+c@x-y.co.uk|@|x@y".split("|"),
+    *"GB82 WEST 1234 5698 7654 32".split("|"),
+    *"DE89370400440532013000|192.168.1.20|10.0.0.256|dead:beef:cafe|sk_live_abcdefghijkl".split("|"),
+    *"ghp_abcdefgh1|SG.abcdefgh.ijkl|github_pat_abcdefgh1".split("|"),
+    *"2001:0db8:85a3:0000:0000:8a2e:0370:7334|xoxb-123456789|AKIAIOSFODNN7EXAMPLE|ASIA12345678".split("|"),
+    *"AIzaSyA1234567|sk-ant-api03-abcdefgh|sk-proj-abcdefghij".split("|"),
+    *"glpat-abcdefghij|pypi-AgEIcHlwaS5vcmc|hf_abcdefghij|npm_abcdefghij|shpat_abcdefghij".split("|"),
+    *"rk_test_abcdefghij|eyJhbGciOiJIUzI1NiJ9.eyJzdWIiOiIxIn0.abc|eyJhbGciOiJI.eyJzdWIi.".split("|"),
+    *" |-|.|(|)|+|:|_|a|Z|0|9|12|123|1234|12345|user1234|\n|é|AB12|GB82|555|\0|sk|xox|A|K|IA|SG".split("|"),
+]
+
+
+def _alternation(enabled):
+    """The detectors' meaning as written: one leftmost-first alternation of `_DETECTORS`."""
+    from mcp_guard.detectors import _DETECTORS
+
+    chosen = [d for d in _DETECTORS if d[0] in enabled]
+    pattern = re.compile("|".join(f"(?P<d{i}>{regex})" for i, (_, regex, _) in enumerate(chosen)))
+    checks = {f"d{i}": (name, check) for i, (name, _, check) in enumerate(chosen)}
+
+    def replace(text):
+        found = []
+
+        def substitute(match):
+            name, check = checks[match.lastgroup]
+            if not check(match.group()):
+                return match.group()
+            found.append(name)
+            return f"[masked:{name}]"
+
+        return pattern.sub(substitute, text), tuple(dict.fromkeys(found))
+
+    return replace
+
+
+@pytest.mark.parametrize(
+    "enabled", [ALL_DETECTORS, ("email", "phone"), ("card", "ssn", "ip"), ("secret", "jwt", "iban")]
+)
+def test_the_fast_detectors_replace_exactly_what_the_alternation_does(enabled):
+    rng = random.Random(3)
+    texts = ["".join(rng.choice(_PIECES) for _ in range(rng.randint(0, 8))) for _ in range(3000)]
+    reference, detectors = _alternation(enabled), Detectors(enabled)
+    assert [detectors.replace(text) for text in texts] == [reference(text) for text in texts]
+    rows = [[index, text] for index, text in enumerate(texts)]
+    found = detectors.scan(rows, [1])  # the whole column as one text
+    assert [row[1] for row in rows] == [reference(text)[0] for text in texts]
+    assert [(f.row, f.kinds, f.original) for f in found] == [
+        (i, reference(text)[1], text) for i, text in enumerate(texts) if reference(text)[1]
+    ]
+
+
+async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    values = [
+        *("ada@example.com", "a@b@c", "no at sign", "4111 1111 1111 1234", "+1 (202) 555-0143", "12345"),
+        *("123-45-6789", "１２３４５６７８９０１２", "tel 12 34 56 7", "GB82 WEST 1234 5698 7654 32"),
+        *("192.168.1.20", "sk_live_abcdefghijkl", "short", "", "é" * 9, "a1b2c3d4e5f6g7h8", "99 99 999"),
+        *("9999 9999 9999", "9999-9999", "999 999", "9999-999"),  # at each threshold
+    ]
+    conn = await asyncpg.connect(pg_shop_url)
+    try:
+        for kind in ("email", "card", "phone", "ssn", "iban", "ip", "secret", None):
+            mask = ColumnMask("partial", "r", kind)
+            expression = masking.expression(mask, sqlglot.exp.column("v"), "postgres", (2, 3)).sql("postgres")
+            rows = await conn.fetch(
+                f"SELECT {expression} FROM unnest($1::text[]) WITH ORDINALITY AS u(v, i) ORDER BY i", values
+            )
+            assert [row[0] for row in rows] == [partial_value(value, kind or "") for value in values], kind
+    finally:
+        await conn.close()

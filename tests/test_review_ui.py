@@ -156,3 +156,33 @@ async def test_details_show_everything_and_the_ui_refuses_a_vote_its_reviewer_ma
             assert not isinstance(app.screen, DecisionScreen)
             assert "local:dana has already voted" in shown(app.query_one("#status", Static))
         assert (await reviewers.request(held.structured["request_id"])).state is ApprovalState.PENDING
+
+
+async def test_the_ui_keeps_the_newest_checkpoint_and_reports_a_store_cut_behind_it(tmp_path, sqlite_shop):
+    import sqlite3
+
+    from mcp_guard.store.checkpoint import load_signing_key, public_key_text
+
+    config = approval_config(tmp_path, sqlite_connection(sqlite_shop))
+    async with guard_client(config, tmp_path) as client:  # its session end signs a checkpoint
+        await client.call("query", sql="SELECT count(*) FROM orders")
+    key = load_signing_key(tmp_path / "audit-signing.key", create=False)
+    assert key is not None
+    kept = tmp_path / "reviewer" / "review-checkpoint.txt"
+    kept.parent.mkdir()
+    async with desk(config) as reviewers:
+        reviewer = reviewers.approvals.verifier.reviewer("dana")
+        assert reviewer is not None
+        app = ReviewApp(
+            reviewers.approvals, reviewer, "review-test", (kept, {public_key_text(key.public_key())})
+        )
+        async with app.run_test(size=(140, 45)) as pilot:
+            await until(pilot, lambda: app.checkpoint is not None, "the kept checkpoint")
+            assert kept.exists() and f"audit checkpoint: {app.checkpoint} entries" in app.sub_title
+            vouched = app.checkpoint
+            with sqlite3.connect(tmp_path / "audit.db") as db:  # the tail cut, its checkpoints with it
+                db.execute("DELETE FROM audit WHERE seq >= ?", (vouched - 1,))
+                db.execute("DELETE FROM checkpoint")
+            db.close()
+            status = app.query_one("#status", Static)
+            await until(pilot, lambda: "cut or rolled back" in shown(status), "the cut store", timeout=15)

@@ -10,6 +10,8 @@ asked at the first decision and the key derived from it is kept in memory while 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Collection
+from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -24,6 +26,7 @@ from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
 from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState, Verdict
+from mcp_guard.audit.verify import keep_latest_checkpoint
 from mcp_guard.errors import GuardError
 from mcp_guard.review import describe
 from mcp_guard.reviewers import Reviewer, Signer, unlock
@@ -160,13 +163,24 @@ class ReviewApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(self, approvals: Approvals, reviewer: Reviewer, session_id: str) -> None:
+    def __init__(
+        self,
+        approvals: Approvals,
+        reviewer: Reviewer,
+        session_id: str,
+        witness: tuple[Path, Collection[str]] | None = None,
+    ) -> None:
+        """`witness`: where this reviewer keeps the newest checkpoint it has seen, and the keys trusted
+        to sign one; a store cut or rolled back since is then reported on screen."""
         super().__init__()
         self.approvals = approvals
         self.reviewer = reviewer
+        self.witness = witness
         self.actor = Actor(reviewer.subject, session_id)
         self.pending: list[ApprovalRequest] = []
         self.recent: list[ApprovalRequest] = []
+        self.checkpoint: int | None = None
+        """Entries the newest checkpoint kept by this reviewer vouches for."""
         self._signer: Signer | None = None
 
     def compose(self) -> ComposeResult:
@@ -182,7 +196,8 @@ class ReviewApp(App[None]):
 
     def on_mount(self) -> None:
         groups = ", ".join(sorted(self.reviewer.groups)) or "no groups"
-        self.sub_title = f"reviewer {self.reviewer.name} ({self.reviewer.subject}; {groups})"
+        self.reviewer_title = f"reviewer {self.reviewer.name} ({self.reviewer.subject}; {groups})"
+        self.sub_title = self.reviewer_title
         pending = self.query_one("#pending", DataTable)
         pending.add_columns("id", "age", "requester", "connection", "kind", "rows", "reason")
         self.query_one("#recent", DataTable).add_columns("id", "state", "by", "age", "reason / outcome")
@@ -199,6 +214,11 @@ class ReviewApp(App[None]):
                 await changes.wait(REFRESH_S)
 
     async def reload(self) -> None:
+        if self.witness is not None:
+            kept = await keep_latest_checkpoint(self.approvals.store, *self.witness)
+            self.checkpoint = kept.entries if kept is not None else None
+            if self.checkpoint is not None:
+                self.sub_title = f"{self.reviewer_title}; audit checkpoint: {self.checkpoint} entries"
         self.pending = await self.approvals.listing(self.actor, [ApprovalState.PENDING])
         self.recent = await self.approvals.listing(self.actor, _DECIDED, limit=RECENT)
         self._fill(
