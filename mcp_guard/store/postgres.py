@@ -48,8 +48,8 @@ from mcp_guard.store.base import (
     derived_index,
     utc_bound,
 )
+from mcp_guard.store.postgres_approvals import DB_ERRORS, PostgresApprovals
 from mcp_guard.store.postgres_approvals import SCHEMA as APPROVALS_SCHEMA
-from mcp_guard.store.postgres_approvals import PostgresApprovals
 from mcp_guard.store.sqlite import Durability
 from mcp_guard.values import JsonValue
 
@@ -191,7 +191,7 @@ class PostgresStore(Store):
     async def _connect(self) -> asyncpg.Connection:
         try:
             return await asyncpg.connect(self.url, timeout=10)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot connect", exc) from None
 
     async def schema_version(self) -> int:
@@ -199,7 +199,7 @@ class PostgresStore(Store):
         db = await self._connect()
         try:
             return await _version(db)
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot read its schema version", exc) from None
         finally:
             await db.close()
@@ -218,7 +218,7 @@ class PostgresStore(Store):
                     for statement in MIGRATIONS[version - 1]:
                         await db.execute(statement)
                     await db.execute("UPDATE mcp_guard_schema SET version = $1", version)
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot create or upgrade its schema", exc) from None
         finally:
             await db.close()
@@ -235,7 +235,7 @@ class PostgresStore(Store):
         check_schema_version(self.where, version, SCHEMA_VERSION)
         try:
             self._pool = await asyncpg.create_pool(self.url, min_size=1, max_size=self.pool_size, timeout=10)
-        except (TimeoutError, OSError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot connect", exc) from None
         self._writer_db = await self._connect()
         self._closing = False
@@ -292,6 +292,9 @@ class PostgresStore(Store):
                 self._writer_db = await self._connect()
             first = await self._writer_db.fetchval(_CALL_APPEND, *columns, synced)
         except Exception as exc:  # every failure is the waiting callers' to hear; the writer lives on
+            if _connection_broken(exc) and self._writer_db is not None:
+                self._writer_db.terminate()  # the next batch connects anew
+                self._writer_db = None
             action = (
                 "the entry was not recorded" if len(batch) == 1 else f"{len(batch)} entries were not recorded"
             )
@@ -335,7 +338,7 @@ class PostgresStore(Store):
                     records=rows,
                     columns=["seq", *chain.INDEXED, "prev_hash", "hash", "body", "kind", "tables"],
                 )
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("the copied entries were not recorded", exc) from None
 
     # reading ------------------------------------------------------------------------------------
@@ -346,10 +349,15 @@ class PostgresStore(Store):
         return self._pool
 
     async def _read(self, sql: str, *params: Any) -> list[asyncpg.Record]:
-        try:
-            return list(await self._open_pool().fetch(sql, *params))
-        except asyncpg.PostgresError as exc:
-            raise self._error("cannot read it", exc) from None
+        """Rows of one query; read again once on a fresh connection when the first one was broken."""
+        for attempt in (1, 2):
+            try:
+                return list(await self._open_pool().fetch(sql, *params))
+            except DB_ERRORS as exc:
+                if attempt == 1 and _connection_broken(exc):
+                    continue
+                raise self._error("cannot read it", exc) from None
+        raise AssertionError("unreachable")
 
     def _record(self, row: Sequence[Any]) -> AuditRecord:
         seq, prev_hash, digest, body = row
@@ -406,7 +414,7 @@ class PostgresStore(Store):
             async with self._open_pool().acquire() as db:
                 async with db.transaction(isolation="repeatable_read", readonly=True):
                     yield db
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot read it", exc) from None
 
     async def calls(self, flt: CallFilter) -> AsyncGenerator[list[AuditRecord], None]:
@@ -496,7 +504,7 @@ class PostgresStore(Store):
                 bytes.fromhex(checkpoint.head),
                 checkpoint.text,
             )
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot record the checkpoint", exc) from None
 
     async def checkpoints(self) -> list[StoredCheckpoint]:
@@ -526,7 +534,7 @@ class PostgresStore(Store):
                 )
                 status = await db.execute("DELETE FROM audit WHERE seq <= $1", checkpoint.entries)
                 await db.execute("DELETE FROM checkpoint WHERE entries < $1", checkpoint.entries)
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot prune it", exc) from None
         return int(status.split()[-1])
 
@@ -583,12 +591,25 @@ class PostgresStore(Store):
             cause = f"PostgreSQL refused the credentials ({type(exc).__name__})"
         elif isinstance(exc, OSError | asyncio.TimeoutError):
             cause = f"the server is unreachable ({exc or type(exc).__name__})"
+        elif _connection_broken(exc):
+            cause = f"the connection to the database was lost or broken ({exc or type(exc).__name__})"
         else:
             cause = str(exc) or type(exc).__name__
         password = urlsplit(self.url).password if "://" in self.url else None
         if password:
             cause = cause.replace(password, "***")
         return AuditError(f"audit store {self.where}: {action}: {cause}")
+
+
+def _connection_broken(exc: BaseException) -> bool:
+    """Whether the connection that raised `exc` cannot serve the next statement: it was lost, or the
+    driver's state is confused (seen after the server terminated it mid-call), rather than
+    PostgreSQL refusing this one statement (a privilege, a constraint) or a value failing to encode."""
+    if isinstance(exc, OSError | asyncio.TimeoutError | asyncpg.InternalClientError):
+        return True
+    if isinstance(exc, asyncpg.PostgresConnectionError):
+        return True
+    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(exc, asyncpg.DataError)
 
 
 async def _version(db: asyncpg.Connection) -> int:

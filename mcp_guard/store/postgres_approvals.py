@@ -35,6 +35,15 @@ log = logging.getLogger(__name__)
 
 CHANNEL = "mcp_guard_approvals"
 
+DB_ERRORS = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.InternalClientError,
+    OSError,
+    TimeoutError,
+)
+"""What a call through asyncpg may raise besides our own errors: each becomes an AuditError."""
+
 SCHEMA = (
     """CREATE TABLE approval_requests (
         id text COLLATE "C" PRIMARY KEY,
@@ -141,7 +150,7 @@ class PostgresApprovals:
                 transaction = _Transaction(db)
                 yield transaction
                 await db.execute("SELECT pg_notify($1, '')", CHANNEL)
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("the approval change was not recorded", exc) from None
         self._signal()
         for seq in transaction.appended:
@@ -274,7 +283,7 @@ class PostgresApprovals:
                     " FROM approval_votes WHERE request_id = ANY($1::text[]) ORDER BY ts, reviewer",
                     [row[0] for row in rows],
                 )
-        except asyncpg.PostgresError as exc:
+        except DB_ERRORS as exc:
             raise self._error("cannot read its approval requests", exc) from None
         by_request: dict[str, list[Vote]] = {}
         for request_id, reviewer, decision, reason, ts, payload, proof in votes:
@@ -306,7 +315,7 @@ class PostgresApprovals:
             listener = await self._connect()
             try:
                 await listener.add_listener(CHANNEL, self._notified)
-            except asyncpg.PostgresError as exc:
+            except DB_ERRORS as exc:
                 await listener.close()
                 raise self._error("cannot watch its approval requests", exc) from None
             listener.add_termination_listener(self._lost)
