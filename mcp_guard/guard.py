@@ -183,6 +183,7 @@ class Guard:
         self.checkpointer = checkpointer
         self._backends = dict(backends)
         self._opened: set[str] = set()
+        self._opening: dict[str, asyncio.Lock] = {}
         settings = config.settings.masking
         self.masking = masking or Masking.from_settings(settings, config.source)
         self.detectors = Detectors(settings.detectors)
@@ -437,10 +438,14 @@ class Guard:
         return name, connections[name]
 
     async def _backend(self, name: str) -> Backend:
+        """The connection's backend, opened on first use; concurrent first calls open it once (a second
+        open would leak the first's pool, whose threads then kept the process from exiting)."""
         backend = self._backends[name]
         if name not in self._opened:
-            await backend.open()
-            self._opened.add(name)
+            async with self._opening.setdefault(name, asyncio.Lock()):
+                if name not in self._opened:
+                    await backend.open()
+                    self._opened.add(name)
         return backend
 
     def _visible_kinds(self, ctx: CallContext, name: str, tool: str, action: str = "allow") -> list[str]:

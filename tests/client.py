@@ -87,6 +87,7 @@ def http_server(config: Path, home: Path, transport: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+            raise AssertionError("the server did not stop within 15 s of SIGINT") from None
 
 
 @asynccontextmanager
