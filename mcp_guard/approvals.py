@@ -140,6 +140,50 @@ class ApprovalRequest:
             "details": body["details"],
         }
 
+    @classmethod
+    def from_row(cls, row: Sequence[Any], votes: tuple[Vote, ...]) -> ApprovalRequest:
+        """A request as both stores keep it: their row layout, the body as JSON; damage refuses to run."""
+        (
+            request_id,
+            call_id,
+            session_id,
+            requester,
+            connection,
+            digest,
+            state,
+            created_at,
+            expires_at,
+            decided_at,
+            executed_at,
+            executed_by,
+            body,
+            outcome,
+        ) = row
+        try:
+            fields = cls.body_fields(json.loads(body))
+            return cls(
+                id=request_id,
+                call_id=call_id,
+                session_id=session_id,
+                requester=requester,
+                connection=connection,
+                digest=digest,
+                state=ApprovalState(state),
+                created_at=created_at,
+                expires_at=expires_at,
+                decided_at=decided_at,
+                executed_at=executed_at,
+                executed_by=executed_by,
+                outcome=json.loads(outcome) if outcome else None,
+                votes=votes,
+                **fields,
+            )
+        except (ValueError, KeyError, TypeError) as exc:
+            raise ApprovalError(
+                f"approval request {request_id}: its stored record is damaged ({exc}); it will not run"
+            ) from exc
+
+
     def expired(self, now: str | None = None) -> bool:
         return (now or utc_now()) >= self.expires_at
 

@@ -17,7 +17,7 @@ import asyncio
 import json
 import logging
 import sqlite3
-from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +26,7 @@ from typing import Any
 import aiosqlite
 
 from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
-from mcp_guard.errors import ApprovalError, AuditError
+from mcp_guard.errors import AuditError
 from mcp_guard.store import chain
 from mcp_guard.store.base import AuditEvent, ChangeWatch
 from mcp_guard.values import JsonValue
@@ -311,7 +311,7 @@ class SqliteApprovals:
             by_request.setdefault(request_id, []).append(
                 Vote(request_id, reviewer, decision, reason, ts, bytes(payload), proof)
             )
-        return [_request(row, tuple(by_request.get(row[0], ()))) for row in rows]
+        return [ApprovalRequest.from_row(row, tuple(by_request.get(row[0], ()))) for row in rows]
 
     # watching -----------------------------------------------------------------------------------
 
@@ -370,45 +370,3 @@ class _Transaction:
 
 class _Abort(Exception):
     """Roll the transaction back: the compare-and-set found another state."""
-
-
-def _request(row: Sequence[Any], votes: tuple[Vote, ...]) -> ApprovalRequest:
-    (
-        request_id,
-        call_id,
-        session_id,
-        requester,
-        connection,
-        digest,
-        state,
-        created_at,
-        expires_at,
-        decided_at,
-        executed_at,
-        executed_by,
-        body,
-        outcome,
-    ) = row
-    try:
-        fields = ApprovalRequest.body_fields(json.loads(body))
-        return ApprovalRequest(
-            id=request_id,
-            call_id=call_id,
-            session_id=session_id,
-            requester=requester,
-            connection=connection,
-            digest=digest,
-            state=ApprovalState(state),
-            created_at=created_at,
-            expires_at=expires_at,
-            decided_at=decided_at,
-            executed_at=executed_at,
-            executed_by=executed_by,
-            outcome=json.loads(outcome) if outcome else None,
-            votes=votes,
-            **fields,
-        )
-    except (ValueError, KeyError, TypeError) as exc:
-        raise ApprovalError(
-            f"approval request {request_id}: its stored record is damaged ({exc}); it will not run"
-        ) from exc
