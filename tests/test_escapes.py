@@ -36,7 +36,8 @@ SELECT
   (SELECT count(*) FROM pg_largeobject_metadata),
   (SELECT string_agg(relname, ',' ORDER BY relname) FROM pg_class
      WHERE relnamespace = 'public'::regnamespace),
-  (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'),
+  (SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'
+     AND database = (SELECT oid FROM pg_database WHERE datname = current_database())),
   (SELECT string_agg(name || '=' || setting, ',' ORDER BY name) FROM pg_settings
      WHERE source = 'configuration file')
 """
