@@ -25,7 +25,7 @@ import time
 import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NoReturn
 
 import anyio
 
@@ -40,18 +40,14 @@ from mcp_guard.approvals import (
     unreachable,
 )
 from mcp_guard.backends import open_backend
-from mcp_guard.backends.base import Backend, JsonScalar, ResultSet, WriteResult
-from mcp_guard.blind_spots import blind_spot
-from mcp_guard.catalog import Catalog
+from mcp_guard.backends.base import Backend, JsonScalar, WriteResult
 from mcp_guard.classify import Classification, Statement, StatementKind, classify
 from mcp_guard.config import Config, ConnectionSettings
-from mcp_guard.detectors import Detectors
-from mcp_guard.errors import ApprovalError, AuditError, ConfigError, GuardError, PolicyDenied, UsageError
+from mcp_guard.errors import ApprovalError, AuditError, GuardError, PolicyDenied, UsageError
 from mcp_guard.identity import Identity
-from mcp_guard.lineage import statement_lineage
 from mcp_guard.masking import Masking
+from mcp_guard.masking_step import MaskingStep, Refusal, audit_key
 from mcp_guard.policy import Decision, Requirement, decide, decide_statement, needs_estimate
-from mcp_guard.protect import Protected, originals_record, protect
 from mcp_guard.redact import redact
 from mcp_guard.results import (
     ToolResult,
@@ -62,13 +58,11 @@ from mcp_guard.results import (
     text_table,
 )
 from mcp_guard.reviewers import KeyVerifier
-from mcp_guard.rewrite import MASKING_RULE, MaskPlan, Rewritten, rewrite
-from mcp_guard.seal import SealError, load_key
+from mcp_guard.rewrite import MASKING_RULE
 from mcp_guard.store import open_store
 from mcp_guard.store.base import AuditEvent, EventType, Store
 from mcp_guard.store.checkpoint import Checkpointer, load_signing_key
 from mcp_guard.values import JsonValue
-from mcp_guard.writes import masked_read_in_write
 
 log = logging.getLogger(__name__)
 
@@ -105,16 +99,6 @@ class _Call:
     summary: dict[str, JsonValue] = field(default_factory=dict)
 
 
-def _table_of(text: str, dialect: str) -> Any:
-    """A table name the way describe_table is given it, as a sqlglot table (quoted parts kept)."""
-    from sqlglot import exp
-
-    try:
-        return exp.to_table(text, dialect=dialect)
-    except Exception:  # not a name sqlglot can read: nothing to mark
-        return exp.Table(this=exp.to_identifier(text))
-
-
 def _recordable(value: object) -> JsonValue:
     """Arguments as the audit can hold them: hostile values (NaN, huge blobs) become their repr."""
     try:
@@ -143,30 +127,6 @@ async def _checkpointer(config: Config, store: Store) -> Checkpointer | None:
     return checkpointer
 
 
-def _audit_key(config: Config) -> bytes | None:
-    """The key that digests or seals originals in the audit; a ConfigError when it is needed and missing."""
-    settings = config.settings.masking
-    if settings.originals == "none":
-        return None
-    try:
-        return load_key(settings.originals_key_env)
-    except SealError as error:
-        raise ConfigError(
-            f"originals = {settings.originals!r} needs the audit key: {error}",
-            file=config.source,
-            key="masking.originals_key_env",
-        ) from None
-
-
-@dataclass(frozen=True, slots=True)
-class _MaskedReads:
-    """Step 6 before execution: what runs for each statement, and what the masking needs afterwards."""
-
-    plan: MaskPlan | None
-    catalog: Catalog | None
-    rewritten: tuple[Rewritten | None, ...]
-
-
 class Guard:
     """Holds the configuration, the audit store and one backend per connection."""
 
@@ -184,18 +144,15 @@ class Guard:
         self._backends = dict(backends)
         self._opened: set[str] = set()
         self._opening: dict[str, asyncio.Lock] = {}
-        settings = config.settings.masking
-        self.masking = masking or Masking.from_settings(settings, config.source)
-        self.detectors = Detectors(settings.detectors)
-        self._audit_key = _audit_key(config)
-        self._catalogs: dict[str, Catalog] = {}
-        self._plans: dict[tuple[str, frozenset[str]], MaskPlan] = {}
+        self.masking = MaskingStep(
+            config, masking or Masking.from_settings(config.settings.masking, config.source), self._backend
+        )
         self.approvals = Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
 
     @classmethod
     async def start(cls, config: Config) -> Guard:
         masking = Masking.from_settings(config.settings.masking, config.source)
-        _audit_key(config)  # a missing audit key stops the start, before anything is opened
+        audit_key(config)  # a missing audit key stops the start, before anything is opened
         store = open_store(config.audit_url, durability=config.settings.audit.durability)
         await store.open()
         try:
@@ -371,7 +328,8 @@ class Guard:
             raise
         except GuardError as error:
             status = "error"
-            result = error_result(self.detectors.text(redact(str(error), self.config.secrets)), call.call_id)
+            shown = self.masking.detectors.text(redact(str(error), self.config.secrets))
+            result = error_result(shown, call.call_id)
         except Exception:
             log.exception("unexpected failure in %s (call %s)", tool, call.call_id)
             status = "error"
@@ -518,7 +476,7 @@ class Guard:
             raise UsageError("table must be a table name such as 'orders' or 'public.orders'")
         columns = await (await self._backend(name)).describe_table(table.strip())
         call.decision = Decision("allow", METADATA_RULE, "metadata")
-        masks = await self._described_masks(ctx, name, table.strip())
+        masks = await self.masking.described(name, ctx.identity.groups, table.strip())
         rows = [
             [
                 c.name,
@@ -548,17 +506,6 @@ class Guard:
             text_table(["column", "type", "nullable", "primary key", "masked"], rows),
             structured,
         )
-
-    async def _described_masks(self, ctx: CallContext, name: str, table: str) -> dict[str, Any]:
-        """The masked columns of a described relation, for this caller."""
-        if not self.masking.rules_for(name, ctx.identity.groups):
-            return {}
-        plan = await self._plan(ctx, name)
-        relation = plan.catalog.resolve(_table_of(table, plan.catalog.dialect))
-        if relation is None:
-            plan = await self._plan(ctx, name, refresh=True)
-            relation = plan.catalog.resolve(_table_of(table, plan.catalog.dialect))
-        return dict(plan.masks(relation)) if relation is not None else {}
 
     def _require_visible(self, ctx: CallContext, name: str) -> None:
         if not any(
@@ -686,11 +633,13 @@ class Guard:
                 rule=decision.rule,
             )
         params = list(args["params"])
-        reads = await self._mask_reads(ctx, call, name, classification, params)
-        backend = await self._backend(name)
         statements = classification.statements
+        reads = await self.masking.before_reads(name, ctx.identity.groups, statements, len(params))
+        if isinstance(reads, Refusal):
+            self._deny_masking(call, classification, reads)
+        backend = await self._backend(name)
         texts = [rw.sql if rw else s.text for s, rw in zip(statements, reads.rewritten, strict=True)]
-        keep_raw = self._audit_key is not None and any(reads.rewritten)
+        keep_raw = self.masking.audit_key is not None and any(reads.rewritten)
         if keep_raw:  # the same statements unmasked, in the same snapshot, for the sealed originals
             texts += [s.text for s in statements]
         bound = [params + list(rw.bound if rw else ()) for rw in reads.rewritten]
@@ -700,14 +649,14 @@ class Guard:
             results = await backend.read(texts, params, conn.limits)
         results, raw = results[: len(statements)], results[len(statements) :]
         protected = [
-            self._protect(reads, statement, result)
+            self.masking.protect(reads, statement, result)
             for statement, result in zip(statements, results, strict=True)
         ]
         call.summary = {
             "rows": [r.row_count for r in results],
             "truncated": any(r.truncated for r in results),
         }
-        masking_summary = self._masking_summary(call, reads, protected, raw)
+        masking_summary = self.masking.summary(call.call_id, reads, protected, raw)
         if masking_summary:
             call.summary["masking"] = masking_summary
             # What `audit stats` counts: every cell the assistant was shown masked or redacted.
@@ -718,92 +667,6 @@ class Guard:
         return query_result(call.call_id, name, results, conn.limits, protected)
 
     # step 6: masking ----------------------------------------------------------------------------
-
-    async def _catalog(self, name: str, *, refresh: bool = False) -> Catalog:
-        """The connection's schema, read once and cached; read again after DDL or on an unknown name."""
-        if refresh or name not in self._catalogs:
-            schema = await (await self._backend(name)).schema()
-            self._catalogs[name] = Catalog(schema, _dialect(self.config.urls[name]))
-            self._plans = {key: plan for key, plan in self._plans.items() if key[0] != name}
-        return self._catalogs[name]
-
-    async def _plan(self, ctx: CallContext, name: str, *, refresh: bool = False) -> MaskPlan:
-        catalog = await self._catalog(name, refresh=refresh)
-        key = (name, ctx.identity.groups)
-        plan = self._plans.get(key)
-        if plan is None or plan.catalog is not catalog:
-            rules = self.masking.rules_for(name, ctx.identity.groups)
-            plan = MaskPlan(self.masking, rules, catalog, self.masking.rules_for(name, frozenset()))
-            self._plans[key] = plan
-        return plan
-
-    async def _mask_reads(
-        self, ctx: CallContext, call: _Call, name: str, classification: Classification, params: list[Any]
-    ) -> _MaskedReads:
-        """Refuse what masking cannot vouch for, then rewrite each read over masked relations."""
-        statements = classification.statements
-        if not self.masking.rules_for(name, ctx.identity.groups):
-            # Lineage still serves the detectors: excluded columns, columns a rule lets this caller see.
-            needs_lineage = self.config.settings.masking.detector_exclude or self.masking.rules_for(
-                name, frozenset()
-            )
-            plan = await self._plan(ctx, name) if needs_lineage else None
-            return _MaskedReads(plan, plan.catalog if plan else None, (None,) * len(statements))
-        plan = await self._plan(ctx, name)
-        for index, statement in enumerate(statements):
-            reason = self._blind_spot(plan, statement, len(params))
-            if reason is not None and "not in the schema" in reason:
-                plan = await self._plan(ctx, name, refresh=True)  # a table created since the schema was read
-                reason = self._blind_spot(plan, statement, len(params))
-            if reason is not None:
-                self._deny_masking(call, classification, index, reason)
-        rewritten = tuple(rewrite(statement, plan, len(params)) for statement in statements)
-        return _MaskedReads(plan, plan.catalog, rewritten)
-
-    def _blind_spot(self, plan: MaskPlan, statement: Statement, params: int) -> str | None:
-        allowed = frozenset(f.lower() for f in self.config.settings.masking.allowed_functions)
-        return blind_spot(statement, plan.catalog, plan.masks, allowed, params)  # type: ignore[arg-type]
-
-    def _deny_masking(self, call: _Call, classification: Classification, index: int, reason: str) -> None:
-        call.decision = Decision("deny", MASKING_RULE, reason, index)
-        where = f" (statement {index + 1})" if len(classification.statements) > 1 else ""
-        raise PolicyDenied(f"masking{where}: {reason}", rule=MASKING_RULE)
-
-    def _protect(self, reads: _MaskedReads, statement: Statement, result: ResultSet) -> Protected:
-        settings = self.config.settings.masking
-        outputs = None
-        if reads.catalog is not None:
-            outputs = statement_lineage(statement, reads.catalog)
-        return protect(result, outputs, reads.plan, self.detectors, settings.detector_exclude)
-
-    def _masking_summary(
-        self,
-        call: _Call,
-        reads: _MaskedReads,
-        protected: list[Protected],
-        raw: list[ResultSet],
-    ) -> dict[str, JsonValue]:
-        """What the audit records of step 6: the SQL that ran, per column its mask, the originals."""
-        if reads.plan is None and not any(p.findings for p in protected):
-            return {}
-        summary: dict[str, JsonValue] = {
-            "rewritten": [rw.sql if rw else None for rw in reads.rewritten],
-            "statements": [
-                {
-                    "columns": [note.as_dict() for note in p.notes if note.mask is not None or note.detected],
-                    "detections": len(p.findings),
-                }
-                for p in protected
-            ],
-        }
-        mode = self.config.settings.masking.originals
-        if self._audit_key is not None and mode != "none":
-            unmasked: list[ResultSet | None] = list(raw) if raw else [None] * len(protected)
-            if any(p.masked for p in protected):
-                summary["originals"] = originals_record(
-                    mode, self._audit_key, call.call_id, protected, unmasked
-                )
-        return summary
 
     async def _execute(
         self, ctx: CallContext, call: _Call, args: dict[str, Any], progress: Progress | None
@@ -816,7 +679,7 @@ class Guard:
         classification = self._classify(call, name, args["sql"], args["params"])
         estimates = await self._estimates(ctx, call, name, conn, classification, args["params"])
         decision = self._decide(ctx, call, name, classification, estimates)
-        await self._mask_writes(ctx, call, name, classification, len(args["params"]))
+        await self._check_write_masking(ctx, call, name, classification, len(args["params"]))
         statements = [s.text for s in classification.statements]
         if decision.hold is not None:
             held = (decision, classification, estimates, statements)
@@ -836,28 +699,24 @@ class Guard:
         """After a write: the schema cache after DDL, detectors over returned rows, the summary."""
         kinds = {s.kind for s in classification.statements}
         if kinds - {StatementKind.READ, StatementKind.WRITE}:
-            self._catalogs.pop(name, None)  # DDL may have changed what masking must know
-        detections = 0
-        for result in results:
-            if result.returned is not None:
-                found = self.detectors.scan(result.returned.rows, range(len(result.returned.columns)))
-                detections += len(found)
+            self.masking.forget(name)  # DDL may have changed what masking must know
+        detections = self.masking.scan_returned(results)
         call.summary["rows_affected"] = sum(r.rows_affected or 0 for r in results)
         if detections:
             call.summary["masking"] = {"detections": detections}
         return execute_result(call.call_id, name, results, conn.limits)
 
-    async def _mask_writes(
+    async def _check_write_masking(
         self, ctx: CallContext, call: _Call, name: str, classification: Classification, params: int
     ) -> None:
-        """A write is not rewritten (it would store masked values): one that reads masked data is refused."""
-        if not self.masking.rules_for(name, ctx.identity.groups):
-            return
-        plan = await self._plan(ctx, name)
-        for index, statement in enumerate(classification.statements):
-            reason = self._blind_spot(plan, statement, params) or masked_read_in_write(statement, plan)
-            if reason is not None:
-                self._deny_masking(call, classification, index, reason)
+        refusal = await self.masking.check_write(name, ctx.identity.groups, classification.statements, params)
+        if refusal is not None:
+            self._deny_masking(call, classification, refusal)
+
+    def _deny_masking(self, call: _Call, classification: Classification, refusal: Refusal) -> NoReturn:
+        call.decision = Decision("deny", MASKING_RULE, refusal.reason, refusal.index)
+        where = f" (statement {refusal.index + 1})" if len(classification.statements) > 1 else ""
+        raise PolicyDenied(f"masking{where}: {refusal.reason}", rule=MASKING_RULE)
 
     # step 4: approvals --------------------------------------------------------------------------
 
@@ -941,7 +800,7 @@ class Guard:
         call.classification = classification
         estimates = await self._estimates(ctx, call, name, conn, classification, list(request.params))
         decision = self._decide(ctx, call, name, classification, estimates)
-        await self._mask_writes(ctx, call, name, classification, len(request.params))
+        await self._check_write_masking(ctx, call, name, classification, len(request.params))
         return decision.hold.requirements if decision.hold is not None else None
 
     async def _resolve(
@@ -1003,7 +862,7 @@ class Guard:
         except Exception as error:
             shown = "internal error"
             if isinstance(error, GuardError):
-                shown = self.detectors.text(redact(str(error), self.config.secrets))
+                shown = self.masking.detectors.text(redact(str(error), self.config.secrets))
             outcome: dict[str, JsonValue] = {"status": "error", "error": shown, "by_call": call.call_id}
             await self.approvals.finish(request, actor, outcome)
             raise
