@@ -7,6 +7,7 @@ those bytes, kept for filtering and checked by `verify`.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from abc import ABC, abstractmethod
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -223,6 +224,41 @@ class ChangeWatch(ABC):
     async def wait(self, timeout: float) -> bool:
         """Return within `timeout` seconds: True when something may have changed since the watch
         began or the previous wait returned True."""
+
+
+class SignalledWatch(ChangeWatch):
+    """A watch its store wakes (`signal`) when it sees a change: its own, or another process's."""
+
+    def __init__(self) -> None:
+        self._changed = asyncio.Event()
+
+    def signal(self) -> None:
+        self._changed.set()
+
+    async def wait(self, timeout: float) -> bool:
+        try:
+            async with asyncio.timeout(max(timeout, 0.0)):
+                await self._changed.wait()
+        except TimeoutError:
+            return False
+        self._changed.clear()
+        return True
+
+
+REQUEST_COLUMNS = (
+    "id, call_id, session_id, requester, connection, digest, state, created_at, expires_at, "
+    "decided_at, executed_at, executed_by, body, outcome"
+)
+"""The approval_requests columns both stores read and write, in `ApprovalRequest.from_row`'s order."""
+
+_CHANGEABLE = frozenset({"decided_at", "executed_at", "executed_by"})
+
+
+def check_changes(changes: Collection[str]) -> None:
+    """A transition may set only these fields of a request (each store builds SQL from the names)."""
+    unknown = set(changes) - _CHANGEABLE
+    if unknown:
+        raise AuditError(f"approval requests have no changeable field {', '.join(sorted(unknown))}")
 
 
 class Store(ABC):

@@ -28,7 +28,7 @@ import asyncpg
 
 from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError
-from mcp_guard.store.base import AuditEvent, ChangeWatch
+from mcp_guard.store.base import REQUEST_COLUMNS, AuditEvent, ChangeWatch, SignalledWatch, check_changes
 from mcp_guard.values import JsonValue
 
 log = logging.getLogger(__name__)
@@ -75,11 +75,6 @@ SCHEMA = (
 )
 """Created by migration 2 of the PostgreSQL store."""
 
-_REQUEST_COLUMNS = (
-    "id, call_id, session_id, requester, connection, digest, state, created_at, expires_at, "
-    "decided_at, executed_at, executed_by, body, outcome"
-)
-_CHANGEABLE = frozenset({"decided_at", "executed_at", "executed_by"})
 
 Append = Callable[[asyncpg.Connection, AuditEvent, bool], Awaitable[int]]
 
@@ -88,23 +83,6 @@ Append = Callable[[asyncpg.Connection, AuditEvent, bool], Awaitable[int]]
 class _Transaction:
     db: asyncpg.Connection
     appended: list[int] = field(default_factory=list)
-
-
-class _Watch(ChangeWatch):
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def signal(self) -> None:
-        self._changed.set()
-
-    async def wait(self, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                await self._changed.wait()
-        except TimeoutError:
-            return False
-        self._changed.clear()
-        return True
 
 
 class _Abort(Exception):
@@ -132,7 +110,7 @@ class PostgresApprovals:
         self._connect = connect
         self._error = error
         self._synced = synced
-        self._watches: set[_Watch] = set()
+        self._watches: set[SignalledWatch] = set()
         self._listener: asyncpg.Connection | None = None
         self._listening = asyncio.Lock()
 
@@ -165,7 +143,7 @@ class PostgresApprovals:
         async with self._transaction() as tx:
             db = tx.db
             await db.execute(
-                f"INSERT INTO approval_requests ({_REQUEST_COLUMNS}) VALUES "
+                f"INSERT INTO approval_requests ({REQUEST_COLUMNS}) VALUES "
                 f"({', '.join(f'${i}' for i in range(1, 15))})",
                 request.id,
                 request.call_id,
@@ -223,9 +201,7 @@ class PostgresApprovals:
         changes: Mapping[str, JsonValue],
         unexpired_at: str | None,
     ) -> bool:
-        unknown = set(changes) - _CHANGEABLE
-        if unknown:
-            raise AuditError(f"approval requests have no changeable field {', '.join(sorted(unknown))}")
+        check_changes(changes)
         params: list[Any] = [str(target), *changes.values(), request_id, str(expected)]
         assignments = "".join(f", {name} = ${i}" for i, name in enumerate(changes, 2))
         n = len(changes) + 2
@@ -257,12 +233,12 @@ class PostgresApprovals:
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         found = await self._read(
-            f"SELECT {_REQUEST_COLUMNS} FROM approval_requests WHERE id = $1", [request_id]
+            f"SELECT {REQUEST_COLUMNS} FROM approval_requests WHERE id = $1", [request_id]
         )
         return found[0] if found else None
 
     async def listing(self, states: Collection[ApprovalState] | None, limit: int) -> list[ApprovalRequest]:
-        sql = f"SELECT {_REQUEST_COLUMNS} FROM approval_requests"
+        sql = f"SELECT {REQUEST_COLUMNS} FROM approval_requests"
         params: list[Any] = []
         if states is not None:
             params.append([str(state) for state in states])
@@ -298,7 +274,7 @@ class PostgresApprovals:
     async def watch(self) -> AsyncIterator[ChangeWatch]:
         """LISTEN is in place before this yields, so a decision committed after the caller's next read
         is never missed; the listening connection closes when the last watch ends."""
-        watch = _Watch()
+        watch = SignalledWatch()
         await self._listen()
         self._watches.add(watch)
         try:

@@ -28,7 +28,7 @@ import aiosqlite
 from mcp_guard.approvals import ApprovalRequest, ApprovalState, Vote
 from mcp_guard.errors import AuditError
 from mcp_guard.store import chain
-from mcp_guard.store.base import AuditEvent, ChangeWatch
+from mcp_guard.store.base import REQUEST_COLUMNS, AuditEvent, ChangeWatch, SignalledWatch, check_changes
 from mcp_guard.values import JsonValue
 
 log = logging.getLogger(__name__)
@@ -65,11 +65,6 @@ SCHEMA = (
     ) STRICT""",
 )
 """Version 3 of the SQLite store's schema (store/sqlite.py); IF NOT EXISTS: older code made them."""
-_REQUEST_COLUMNS = (
-    "id, call_id, session_id, requester, connection, digest, state, created_at, expires_at, "
-    "decided_at, executed_at, executed_by, body, outcome"
-)
-_CHANGEABLE = frozenset({"decided_at", "executed_at", "executed_by"})
 _ADD_VOTE = """
 INSERT INTO approval_votes (request_id, reviewer, decision, reason, ts, payload, proof)
 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (
@@ -77,23 +72,6 @@ SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7 WHERE EXISTS (
 )
 ON CONFLICT DO NOTHING
 """
-
-
-class _Watch(ChangeWatch):
-    def __init__(self) -> None:
-        self._changed = asyncio.Event()
-
-    def signal(self) -> None:
-        self._changed.set()
-
-    async def wait(self, timeout: float) -> bool:
-        try:
-            async with asyncio.timeout(max(timeout, 0.0)):
-                await self._changed.wait()
-        except TimeoutError:
-            return False
-        self._changed.clear()
-        return True
 
 
 class SqliteApprovals:
@@ -121,7 +99,7 @@ class SqliteApprovals:
         self._db: aiosqlite.Connection | None = None
         self._opening = asyncio.Lock()
         self._lock = asyncio.Lock()
-        self._watches: set[_Watch] = set()
+        self._watches: set[SignalledWatch] = set()
         self._poller: asyncio.Task[None] | None = None
         self._baseline = asyncio.Event()
         self._version: int | None = None
@@ -192,7 +170,7 @@ class SqliteApprovals:
         async with self._transaction() as tx:
             await self._append(tx, event)
             await tx.db.execute(
-                f"INSERT INTO approval_requests ({_REQUEST_COLUMNS}) VALUES ({', '.join('?' * 14)})",
+                f"INSERT INTO approval_requests ({REQUEST_COLUMNS}) VALUES ({', '.join('?' * 14)})",
                 (
                     request.id,
                     request.call_id,
@@ -243,9 +221,7 @@ class SqliteApprovals:
         changes: Mapping[str, JsonValue],
         unexpired_at: str | None,
     ) -> bool:
-        unknown = set(changes) - _CHANGEABLE
-        if unknown:
-            raise AuditError(f"approval requests have no changeable field {', '.join(sorted(unknown))}")
+        check_changes(changes)
         assignments = "".join(f", {name} = ?" for name in changes)
         sql = f"UPDATE approval_requests SET state = ?{assignments} WHERE id = ? AND state = ?"
         params: list[Any] = [str(target), *changes.values(), request_id, str(expected)]
@@ -274,12 +250,12 @@ class SqliteApprovals:
 
     async def get(self, request_id: str) -> ApprovalRequest | None:
         found = await self._read(
-            f"SELECT {_REQUEST_COLUMNS} FROM approval_requests WHERE id = ?", [request_id]
+            f"SELECT {REQUEST_COLUMNS} FROM approval_requests WHERE id = ?", [request_id]
         )
         return found[0] if found else None
 
     async def listing(self, states: Collection[ApprovalState] | None, limit: int) -> list[ApprovalRequest]:
-        sql = f"SELECT {_REQUEST_COLUMNS} FROM approval_requests"
+        sql = f"SELECT {REQUEST_COLUMNS} FROM approval_requests"
         params: list[Any] = []
         if states is not None:
             sql += f" WHERE state IN ({', '.join('?' * len(states))})"
@@ -317,7 +293,7 @@ class SqliteApprovals:
 
     @asynccontextmanager
     async def watch(self) -> AsyncIterator[ChangeWatch]:
-        watch = _Watch()
+        watch = SignalledWatch()
         self._watches.add(watch)
         try:
             if self._poller is None:
