@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from mcp_guard.errors import ApprovalError, ApprovalExpired
 from mcp_guard.policy import Hold, Requirement
-from mcp_guard.reviewers import ProofVerifier, Signer
+from mcp_guard.reviewers import ProofVerifier, Reviewer, Signer
 from mcp_guard.store.base import AuditEvent, AuditFilter, EventType, Store, utc_now
 from mcp_guard.values import JsonScalar, JsonValue
 
@@ -86,6 +86,25 @@ class Vote:
     ts: str
     payload: bytes
     proof: str
+
+
+_ROW = (
+    "id",
+    "call_id",
+    "session_id",
+    "requester",
+    "connection",
+    "digest",
+    "state",
+    "created_at",
+    "expires_at",
+    "decided_at",
+    "executed_at",
+    "executed_by",
+    "body",
+    "outcome",
+)
+"""A stored request's fields in the order both stores' rows hold them (`ApprovalRequest.from_row`)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +202,63 @@ class ApprovalRequest:
                 f"approval request {request_id}: its stored record is damaged ({exc}); it will not run"
             ) from exc
 
+    def to_wire(self) -> dict[str, JsonValue]:
+        """Everything about the request, votes and their proofs included, as JSON (a gateway's API)."""
+        row: dict[str, JsonValue] = dict(zip(_ROW, self._row(), strict=True))
+        row["body"], row["outcome"] = self.body(), self.outcome
+        row["votes"] = [
+            {
+                "reviewer": v.reviewer,
+                "decision": v.decision,
+                "reason": v.reason,
+                "ts": v.ts,
+                "payload": v.payload.decode(),
+                "proof": v.proof,
+            }
+            for v in self.votes
+        ]
+        return row
+
+    @classmethod
+    def from_wire(cls, wire: dict[str, Any]) -> ApprovalRequest:
+        """The request `to_wire` described; ApprovalError when the document is not one."""
+        try:
+            votes = tuple(
+                Vote(
+                    wire["id"],
+                    v["reviewer"],
+                    v["decision"],
+                    v["reason"],
+                    v["ts"],
+                    v["payload"].encode(),
+                    v["proof"],
+                )
+                for v in wire["votes"]
+            )
+            row = [wire[name] for name in _ROW]
+            outcome = wire["outcome"]
+            row[-2:] = [json.dumps(wire["body"]), None if outcome is None else json.dumps(outcome)]
+        except (KeyError, TypeError, AttributeError) as exc:
+            raise ApprovalError(f"the approval request received is incomplete ({exc})") from None
+        return cls.from_row(row, votes)
+
+    def _row(self) -> tuple[Any, ...]:
+        return (
+            self.id,
+            self.call_id,
+            self.session_id,
+            self.requester,
+            self.connection,
+            self.digest,
+            str(self.state),
+            self.created_at,
+            self.expires_at,
+            self.decided_at,
+            self.executed_at,
+            self.executed_by,
+            json.dumps(self.body(), ensure_ascii=False),
+            json.dumps(self.outcome, ensure_ascii=False) if self.outcome is not None else None,
+        )
 
     def expired(self, now: str | None = None) -> bool:
         return (now or utc_now()) >= self.expires_at
@@ -526,7 +602,7 @@ class Approvals:
         reviewer = signer.reviewer
         actor = Actor(reviewer.subject, session_id)
         request = await self.get(request_id, actor)
-        self.check_reviewer(request, reviewer.name)
+        self.check_reviewer(request, reviewer)
         if decision == "deny" and not reason.strip():
             raise ApprovalError("a denial needs a reason: the assistant and the requester are told it")
         ts = utc_now()
@@ -540,15 +616,12 @@ class Approvals:
             decision=decision,
         )
         if not await self.store.add_vote(vote, event, unexpired_at=ts):
-            self.check_reviewer(await self.get(request_id, actor), reviewer.name)
+            self.check_reviewer(await self.get(request_id, actor), reviewer)
             raise ApprovalError(f"request {request_id} changed while the vote was cast; look again")
         return await self.settle(request_id, request.requirements, actor)
 
-    def check_reviewer(self, request: ApprovalRequest, name: str) -> None:
+    def check_reviewer(self, request: ApprovalRequest, reviewer: Reviewer) -> None:
         """Refuse, before a passphrase is asked, a vote this reviewer may not cast on this request."""
-        reviewer = self.verifier.reviewer(name)
-        if reviewer is None:
-            raise ApprovalError(f"{name!r} is not a reviewer of this server (see docs/approvals.md)")
         if request.state is not ApprovalState.PENDING:
             raise ApprovalError(
                 f"request {request.id} is {request.state}; only a pending request takes votes"
@@ -561,13 +634,18 @@ class Approvals:
         groups = {g for r in request.requirements for g in r.approvers}
         if not reviewer.groups & groups:
             raise ApprovalError(
-                f"{name!r} is not in an approver group of request {request.id} ({', '.join(sorted(groups))})"
+                f"{reviewer.name!r} is not in an approver group of request {request.id} "
+                f"({', '.join(sorted(groups))})"
             )
-        if any(v.reviewer == name for v in request.votes) or any(
-            (other := self.verifier.reviewer(v.reviewer)) and other.subject == reviewer.subject
-            for v in request.votes
-        ):
+        if any(self._voter(vote) == reviewer.subject for vote in request.votes):
             raise ApprovalError(f"{reviewer.subject} has already voted on request {request.id}")
+
+    def _voter(self, vote: Vote) -> str | None:
+        """The subject a stored vote proves it came from; None for a vote that proves nothing."""
+        try:
+            return self.verifier.verify(vote.reviewer, vote.payload, vote.proof).subject
+        except ApprovalError:
+            return None
 
     # both ---------------------------------------------------------------------------------------
 

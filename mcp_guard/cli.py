@@ -29,11 +29,12 @@ from mcp_guard.policy import decide, needs_estimate
 
 if TYPE_CHECKING:
     from mcp_guard.approvals import Actor, Approvals, Verdict
-
-if TYPE_CHECKING:
-    from mcp_guard.identity import Identity
+    from mcp_guard.identity import Identity, TokenSource
+    from mcp_guard.review.desk import ReviewDesk
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+REVIEW_TOKEN_ENV = "MCP_GUARD_TOKEN"
+"""Where `approve`, `deny`, `review` and `pending --server` find a reviewer's token by default."""
 
 
 def _config(args: argparse.Namespace) -> Config:
@@ -76,7 +77,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         logging.getLogger("mcp_guard").warning(
             "trusting the development issuer of `mcp-guard token --dev`: never do this in production"
         )
-    source = TokenSource(identity) if identity.mode == "oidc" and args.transport == "stdio" else None
+    source = TokenSource.of(identity) if identity.mode == "oidc" and args.transport == "stdio" else None
     # Loaded only now: a configuration mistake is reported without first importing the MCP stack.
     from mcp_guard.guard import Guard
     from mcp_guard.server import serve_http, serve_stdio
@@ -307,14 +308,13 @@ def _print_masking(console: Console, index: int, entry: dict[str, Any]) -> None:
 async def _approvals(args: argparse.Namespace) -> AsyncIterator[tuple[Config, Approvals]]:
     """The configuration's reviewers and policy over its store (or --store): what reviewers act on."""
     from mcp_guard.approvals import Approvals
-    from mcp_guard.reviewers import KeyVerifier
     from mcp_guard.store import open_store
 
     config = _config(args)
     store = open_store(args.store or config.audit_url)
     await store.open()
     try:
-        yield config, Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
+        yield config, Approvals(store, config.settings.approvals.verifier())
     finally:
         await store.close()
 
@@ -331,13 +331,54 @@ def _reviewer_name(args: argparse.Namespace) -> str:
     return args.reviewer or getpass.getuser()
 
 
+@asynccontextmanager
+async def _desk(args: argparse.Namespace, *, witness: bool = False) -> AsyncIterator[ReviewDesk]:
+    """A gateway's reviewers' API with a token (--server), or the store with a configured reviewer."""
+    from mcp_guard.errors import ApprovalError
+    from mcp_guard.review.desk import GatewayDesk, StoreDesk
+
+    if args.server:
+        if getattr(args, "reviewer", None):
+            raise UsageError(
+                "--reviewer names a passphrase reviewer; with --server, the token says who you are"
+            )
+        async with GatewayDesk.open(args.server, _review_token(args)) as desk:
+            yield desk
+        return
+    name = _reviewer_name(args)
+    async with _approvals(args) as (_, approvals):
+        reviewer = approvals.verifier.reviewer(name)
+        if reviewer is None:
+            raise ApprovalError(
+                f"{name!r} is not a reviewer of this server; enrol with `mcp-guard reviewer init {name}`, "
+                "pass --reviewer NAME, or decide with a token at a gateway (--server URL; see "
+                "docs/approvals.md)"
+            )
+        kept = _review_witness(args) if witness else None
+        yield StoreDesk(approvals, reviewer, f"review-{uuid.uuid4()}", kept)
+
+
+def _review_token(args: argparse.Namespace) -> TokenSource:
+    """The reviewer's token: --token-file, else $MCP_GUARD_TOKEN; never a command-line argument."""
+    from mcp_guard.identity import TokenSource
+
+    if args.token_file:
+        return TokenSource(file=Path(args.token_file))
+    if not os.environ.get(REVIEW_TOKEN_ENV, "").strip():
+        raise UsageError(f"with --server, give --token-file FILE or set {REVIEW_TOKEN_ENV} to your token")
+    return TokenSource(env=REVIEW_TOKEN_ENV)
+
+
 def cmd_pending(args: argparse.Namespace) -> int:
     from mcp_guard.approvals import ApprovalState
     from mcp_guard.review import describe
 
     async def run() -> list[Any]:
+        states = None if args.all else [ApprovalState.PENDING]
+        if args.server:
+            async with _desk(args) as desk:
+                return await desk.listing(states, limit=args.limit)
         async with _approvals(args) as (_, approvals):
-            states = None if args.all else [ApprovalState.PENDING]
             return await approvals.listing(_actor(), states, limit=args.limit)
 
     requests = asyncio.run(run())
@@ -369,35 +410,33 @@ def _decide(args: argparse.Namespace, verdict: Verdict, reason: str) -> int:
 
     from mcp_guard.approvals import ApprovalState
     from mcp_guard.review import describe
-    from mcp_guard.reviewers import read_passphrase, unlock
+    from mcp_guard.reviewers import read_passphrase
 
     console = Console()
-    name = _reviewer_name(args)
 
-    async def run() -> tuple[Any, Any]:
-        async with _approvals(args) as (_, approvals):
-            reviewer = approvals.verifier.reviewer(name)
-            actor = _actor(reviewer.subject if reviewer else None)
-            request = await approvals.get(args.request_id, actor)
-            approvals.check_reviewer(request, name)  # before the passphrase is asked
-            assert reviewer is not None
+    async def run() -> tuple[Any, str]:
+        async with _desk(args) as desk:
+            request = await desk.get(args.request_id)
+            desk.check(request)  # before the passphrase is asked
             console.print(Syntax(describe.sql(request), "sql", theme="ansi_dark", word_wrap=True))
             for label, value in describe.facts(request):
                 console.print(f"[bold]{label:>12}[/] {escape(value)}")
-            passphrase = read_passphrase(f"Passphrase of reviewer {name} to {verdict} {request.id}: ")
-            signer = await asyncio.to_thread(unlock, reviewer, passphrase)
-            return await approvals.vote(request.id, signer, verdict, reason, actor.session_id)
+            if desk.locked:
+                name = desk.reviewer.name
+                passphrase = read_passphrase(f"Passphrase of reviewer {name} to {verdict} {request.id}: ")
+                await asyncio.to_thread(desk.unlock, passphrase)
+            return await desk.vote(request.id, verdict, reason)
 
-    request, counted = asyncio.run(run())
+    request, tally = asyncio.run(run())
     if request.state is ApprovalState.APPROVED:
         console.print(
-            f"[green]approved[/] request {request.id} ({escape(counted.describe())}); the waiting call runs "
+            f"[green]approved[/] request {request.id} ({escape(tally)}); the waiting call runs "
             "it now, or the assistant's approval_status call will, once"
         )
     elif request.state is ApprovalState.DENIED:
         console.print(f"[red]denied[/] request {request.id}: {escape(reason)}")
     else:
-        console.print(f"recorded your {verdict} on request {request.id}; so far {escape(counted.describe())}")
+        console.print(f"recorded your {verdict} on request {request.id}; so far {escape(tally)}")
     return EXIT_OK
 
 
@@ -423,17 +462,9 @@ def _review_witness(args: argparse.Namespace) -> tuple[Path, set[str]]:
 def cmd_review(args: argparse.Namespace) -> int:
     from mcp_guard.review.app import ReviewApp
 
-    name = _reviewer_name(args)
-
     async def run() -> None:
-        async with _approvals(args) as (_, approvals):
-            reviewer = approvals.verifier.reviewer(name)
-            if reviewer is None:
-                raise UsageError(
-                    f"{name!r} is not a reviewer in this configuration; enrol with `mcp-guard reviewer init "
-                    f"{name}` or pass --reviewer NAME (see docs/approvals.md)"
-                )
-            await ReviewApp(approvals, reviewer, f"review-{uuid.uuid4()}", _review_witness(args)).run_async()
+        async with _desk(args, witness=True) as desk:
+            await ReviewApp(desk).run_async()
 
     asyncio.run(run())
     return EXIT_OK
@@ -533,12 +564,20 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--store", help="audit store URL (default: from the configuration)")
         return p
 
+    def at_gateway(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+        p.add_argument("--server", help="a gateway's URL: decide there with your OIDC token instead")
+        p.add_argument(
+            "--token-file", help=f"with --server: file holding your token (default: ${REVIEW_TOKEN_ENV})"
+        )
+        return p
+
     def as_reviewer(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
-        with_store_url(p)
+        at_gateway(with_store_url(p))
         p.add_argument("--reviewer", help="reviewer name in the configuration (default: the local user name)")
         return p
 
-    pending = with_store_url(commands.add_parser("pending", help="list requests held for approval"))
+    pending = commands.add_parser("pending", help="list requests held for approval")
+    at_gateway(with_store_url(pending))
     pending.add_argument("--all", action="store_true", help="recent requests in any state")
     pending.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
     pending.add_argument("--json", action="store_true", help="print JSON")

@@ -21,7 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from mcp_guard.backends.base import Limits
 from mcp_guard.classify import RiskFlag, StatementKind
 from mcp_guard.errors import ConfigError
-from mcp_guard.reviewers import Reviewer, ReviewerKey
+from mcp_guard.reviewers import AnyProof, GatewayVerifier, KeyVerifier, Reviewer, ReviewerKey
 
 CONFIG_ENV = "MCP_GUARD_CONFIG"
 HOME_ENV = "MCP_GUARD_HOME"
@@ -431,6 +431,27 @@ class ApprovalSettings(_Model):
     """Seconds an `execute` call waits for a held statement's decision before answering "pending"."""
     reviewers: dict[str, ReviewerSettings] = {}
     """Reviewers by name; `mcp-guard approve --reviewer NAME` (default: the local user name)."""
+    token_reviewers: bool = False
+    """Over HTTP with `identity.mode = "oidc"`: reviewers decide with their OIDC token at this gateway's
+    `/approvals` endpoint (`mcp-guard approve --server URL`); the gateway signs each vote with its key."""
+    token_audience: str | None = None
+    """The audience a reviewer's token must be issued for; default `identity.audience`. A separate
+    client for reviewers keeps the assistant's own token from deciding anything."""
+    gateway_keys: tuple[str, ...] = ()
+    """Public keys (`ed25519:<base64>`) of the gateways whose token-based votes count here, this
+    gateway's own included (`mcp-guard audit key` prints it)."""
+
+    @field_validator("gateway_keys")
+    @classmethod
+    def _gateway_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
+        from mcp_guard.store.checkpoint import parse_public_key
+
+        for key in keys:
+            try:
+                parse_public_key(key, "gateway key")
+            except ConfigError as error:
+                raise ValueError(str(error)) from None
+        return keys
 
     @field_validator("reviewers")
     @classmethod
@@ -451,6 +472,10 @@ class ApprovalSettings(_Model):
             for name, settings in self.reviewers.items()
         }
 
+    def verifier(self) -> AnyProof:
+        """What a vote must prove: a configured reviewer's passphrase key, or a trusted gateway's key."""
+        return AnyProof(KeyVerifier(self.reviewer_map()), GatewayVerifier(self.gateway_keys))
+
 
 class Settings(_Model):
     connections: dict[str, ConnectionSettings] = Field(min_length=1)
@@ -459,6 +484,16 @@ class Settings(_Model):
     audit: AuditSettings = AuditSettings()
     masking: MaskingSettings = MaskingSettings()
     approvals: ApprovalSettings = ApprovalSettings()
+
+    @model_validator(mode="after")
+    def _token_reviewers(self) -> Settings:
+        if self.approvals.token_reviewers and self.identity.mode != "oidc":
+            raise ValueError(
+                'approvals.token_reviewers needs [identity] mode = "oidc": tokens are how reviewers sign in'
+            )
+        if self.approvals.token_audience is not None and not self.approvals.token_reviewers:
+            raise ValueError("approvals.token_audience applies with approvals.token_reviewers = true only")
+        return self
 
     @field_validator("connections")
     @classmethod

@@ -57,7 +57,6 @@ from mcp_guard.results import (
     query_result,
     text_table,
 )
-from mcp_guard.reviewers import KeyVerifier
 from mcp_guard.rewrite import MASKING_RULE
 from mcp_guard.store import open_store
 from mcp_guard.store.base import AuditEvent, EventType, Store
@@ -147,7 +146,7 @@ class Guard:
         self.masking = MaskingStep(
             config, masking or Masking.from_settings(config.settings.masking, config.source), self._backend
         )
-        self.approvals = Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map()))
+        self.approvals = Approvals(store, config.settings.approvals.verifier())
 
     @classmethod
     async def start(cls, config: Config) -> Guard:

@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any, Literal
 
 from jose import jwt
@@ -252,16 +253,21 @@ async def identity_from_token(settings: IdentitySettings, token: str) -> Identit
 
 
 class TokenSource:
-    """The stdio caller's token: an environment variable, or a file a login helper keeps fresh."""
+    """A caller's token: an environment variable, or a file a login helper keeps fresh."""
 
-    def __init__(self, settings: IdentitySettings) -> None:
+    def __init__(self, *, env: str | None = None, file: Path | None = None) -> None:
+        self.env = env
+        self.file = file.expanduser() if file is not None else None
+
+    @classmethod
+    def of(cls, settings: IdentitySettings) -> TokenSource:
+        """The stdio caller's token as the configuration names it."""
         if settings.token_env is None and settings.token_file is None:
             raise ConfigError(
                 'with mode = "oidc" over stdio, name the token with token_env or token_file',
                 key="identity",
             )
-        self.env = settings.token_env
-        self.file = settings.token_file.expanduser() if settings.token_file is not None else None
+        return cls(env=settings.token_env, file=settings.token_file)
 
     @property
     def where(self) -> str:

@@ -12,8 +12,11 @@ anywhere. A vote is signed with the private key, derived again from the passphra
 public key it was configured with before it counts the vote. Writing the store forges nothing: a
 vote needs a signature, and the key that checks it lives in the configuration, not the store.
 
-`ProofVerifier` is the seam for other proofs: OIDC reviewer tokens will plug in beside
-`KeyVerifier`.
+A reviewer with an OIDC token decides at a gateway instead (`mcp-guard approve --server URL`): the
+gateway verifies the token and signs the vote with its own Ed25519 key, vouching for the token's
+subject and groups (`GatewaySigner`). The token itself is never stored: anyone who can read the
+store could replay a bearer token onto another request within its lifetime. Such a vote counts
+where the gateway's public key is trusted (`approvals.gateway_keys`, `GatewayVerifier`).
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ import base64
 import binascii
 import hashlib
 import io
+import json
 import os
 import secrets
 from abc import ABC, abstractmethod
@@ -33,13 +37,16 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey,
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from mcp_guard.errors import ApprovalError, UsageError
+from mcp_guard.store.checkpoint import parse_public_key
 
 KEY_SCHEME = "ed25519-scrypt"
 MIN_COST, DEFAULT_COST, MAX_COST = 14, 16, 20
 """scrypt work factor as log2(N), r=8, p=1: 2^16 takes about 0.2 s and 64 MiB here."""
 MIN_PASSPHRASE = 12
 PROOF_SCHEME = "ed25519"
+GATEWAY_SCHEME = "gateway-ed25519"
 _DOMAIN = b"mcp-guard/approval-vote/v1\n"
+_GATEWAY_DOMAIN = b"mcp-guard/gateway-vote/v1\n"
 _SALT_BYTES = 16
 
 
@@ -124,10 +131,21 @@ class Reviewer:
     name: str
     subject: str
     groups: frozenset[str]
-    key: ReviewerKey
+    key: ReviewerKey | None
+    """None for a reviewer known from a token a gateway verified, not from the configuration."""
 
 
-class Signer:
+class Signer(ABC):
+    """What casts a vote: a reviewer, and the proof that the vote is theirs."""
+
+    reviewer: Reviewer
+
+    @abstractmethod
+    def sign(self, payload: bytes) -> str:
+        """The proof over `payload` that `ProofVerifier.verify` checks."""
+
+
+class KeySigner(Signer):
     """A reviewer whose passphrase was given: signs votes as that reviewer."""
 
     def __init__(self, reviewer: Reviewer, private: Ed25519PrivateKey) -> None:
@@ -138,12 +156,37 @@ class Signer:
         return f"{PROOF_SCHEME}:{_b64(self._private.sign(_DOMAIN + payload))}"
 
 
-def unlock(reviewer: Reviewer, passphrase: str) -> Signer:
+def unlock(reviewer: Reviewer, passphrase: str) -> KeySigner:
     """The reviewer's signer; ApprovalError naming the reviewer when the passphrase is wrong."""
+    if reviewer.key is None:
+        raise ApprovalError(f"reviewer {reviewer.name!r} has no passphrase key; they decide with a token")
     try:
-        return Signer(reviewer, reviewer.key.derive(passphrase))
+        return KeySigner(reviewer, reviewer.key.derive(passphrase))
     except ApprovalError:
         raise ApprovalError(f"wrong passphrase for reviewer {reviewer.name!r}") from None
+
+
+def _canonical(value: object) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+class GatewaySigner(Signer):
+    """A reviewer whose OIDC token this gateway has just verified: the gateway signs their vote with its
+    own key, vouching for the subject and groups the token carried. The token is not kept."""
+
+    def __init__(self, reviewer: Reviewer, gateway: Ed25519PrivateKey, vouched: Mapping[str, object]) -> None:
+        """`vouched`: what the gateway saw besides subject and groups (issuer, token fingerprint)."""
+        self.reviewer = reviewer
+        self._gateway = gateway
+        self._vouched = _canonical(
+            {**vouched, "subject": reviewer.subject, "groups": sorted(reviewer.groups)}
+        )
+
+    def sign(self, payload: bytes) -> str:
+        signature = self._gateway.sign(_GATEWAY_DOMAIN + _b64(self._vouched).encode() + b"\n" + payload)
+        return ":".join(
+            (GATEWAY_SCHEME, _b64(_public_bytes(self._gateway)), _b64(self._vouched), _b64(signature))
+        )
 
 
 class ProofVerifier(ABC):
@@ -191,6 +234,77 @@ class KeyVerifier(ProofVerifier):
     def members(self, groups: Iterable[str]) -> frozenset[str] | None:
         wanted = set(groups)
         return frozenset(r.subject for r in self._reviewers.values() if r.groups & wanted)
+
+
+class GatewayVerifier(ProofVerifier):
+    """Votes that a trusted gateway signed for a reviewer whose token it verified.
+
+    Who may review is not known in advance: anyone whose token carries an approver group. The
+    reviewer's name in such a vote is the token's subject, and must be the subject the gateway vouched for.
+    """
+
+    def __init__(self, trusted: Iterable[str]) -> None:
+        """`trusted`: gateway public keys as `ed25519:<base64>` (`approvals.gateway_keys`)."""
+        self._trusted = {
+            parse_public_key(text, "approvals.gateway_keys").public_bytes(Encoding.Raw, PublicFormat.Raw)
+            for text in trusted
+        }
+
+    def reviewer(self, name: str) -> Reviewer | None:
+        return None
+
+    def verify(self, name: str, payload: bytes, proof: str) -> Reviewer:
+        parts = proof.split(":")
+        if len(parts) != 4 or parts[0] != GATEWAY_SCHEME:
+            raise ApprovalError(f"the vote of {name!r} carries no {GATEWAY_SCHEME} signature")
+        try:
+            public, vouched, signature = (_unb64(part) for part in parts[1:])
+        except (ValueError, binascii.Error):
+            raise ApprovalError(f"the vote of {name!r} has a damaged gateway signature") from None
+        if public not in self._trusted:
+            raise ApprovalError(
+                f"the vote of {name!r} was vouched for by a gateway whose key is not trusted here "
+                "(approvals.gateway_keys)"
+            )
+        try:
+            Ed25519PublicKey.from_public_bytes(public).verify(
+                signature, _GATEWAY_DOMAIN + parts[2].encode() + b"\n" + payload
+            )
+            claims = json.loads(vouched)
+            subject, groups = claims["subject"], claims["groups"]
+        except (InvalidSignature, ValueError, KeyError, TypeError):
+            raise ApprovalError(
+                f"the vote of {name!r} is not signed by the gateway it names (forged or altered)"
+            ) from None
+        if subject != name or not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
+            raise ApprovalError(f"the vote of {name!r} was vouched for another reviewer ({subject!r})")
+        return Reviewer(name=name, subject=subject, groups=frozenset(groups), key=None)
+
+    def members(self, groups: Iterable[str]) -> frozenset[str] | None:
+        return None if self._trusted else frozenset()
+
+
+class AnyProof(ProofVerifier):
+    """Passphrase-key votes and gateway-vouched votes together, each checked by its own scheme."""
+
+    def __init__(self, keys: KeyVerifier, gateways: GatewayVerifier) -> None:
+        self.keys = keys
+        self.gateways = gateways
+
+    def reviewer(self, name: str) -> Reviewer | None:
+        return self.keys.reviewer(name)
+
+    def verify(self, name: str, payload: bytes, proof: str) -> Reviewer:
+        if proof.startswith(f"{GATEWAY_SCHEME}:"):
+            return self.gateways.verify(name, payload, proof)
+        return self.keys.verify(name, payload, proof)
+
+    def members(self, groups: Iterable[str]) -> frozenset[str] | None:
+        wanted = tuple(groups)
+        configured, vouched = self.keys.members(wanted), self.gateways.members(wanted)
+        if configured is None or vouched is None:
+            return None
+        return configured | vouched
 
 
 def read_passphrase(prompt: str) -> str:

@@ -41,6 +41,7 @@ from mcp_guard.errors import AuditError, AuthenticationError, UsageError
 from mcp_guard.guard import CallContext, Guard
 from mcp_guard.identity import Identity, OidcVerifier
 from mcp_guard.results import ToolResult, error_result
+from mcp_guard.review_api import ReviewApi, gateway_key
 
 log = logging.getLogger(__name__)
 
@@ -410,6 +411,11 @@ class BearerVerifier:
             identity=identity,
         )
 
+    async def identity(self, token: str) -> Identity | None:
+        """The token's identity, or None when refused (the refusal is kept for the 401, as above)."""
+        found = await self.verify_token(token)
+        return found.identity if isinstance(found, VerifiedToken) else None
+
 
 async def bearer_identity() -> Identity:
     """The identity of the verified token on the HTTP request being served."""
@@ -526,6 +532,11 @@ async def serve_http(
     server, sessions = build_server(
         guard, bearer_identity, transport, token_verifier=BearerVerifier(verifier), auth=auth
     )
+    reviewers = _reviewers_verifier(guard, verifier)
+    if reviewers is not None:
+        api = ReviewApi(guard.approvals, BearerVerifier(reviewers).identity, gateway_key(guard.config))
+        for route, methods, handler in api.routes():
+            server.custom_route(route, methods)(handler)
     app = server.sse_app(host=host) if transport == "sse" else server.streamable_http_app(host=host)
     config = uvicorn.Config(
         RecordRefusals(app, guard, transport), log_level="warning", timeout_graceful_shutdown=5
@@ -541,6 +552,18 @@ async def serve_http(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await sessions.close("the server stopped")
+        if reviewers is not None and reviewers is not verifier:
+            await reviewers.aclose()
+
+
+def _reviewers_verifier(guard: Guard, verifier: OidcVerifier) -> OidcVerifier | None:
+    """What checks reviewers' tokens: the callers' verifier, or one for the reviewers' own audience."""
+    settings = guard.config.settings.approvals
+    if not settings.token_reviewers:
+        return None
+    if settings.token_audience is None:
+        return verifier
+    return OidcVerifier(verifier.settings.model_copy(update={"audience": settings.token_audience}))
 
 
 class _HttpServer(uvicorn.Server):

@@ -14,7 +14,7 @@ from pathlib import Path
 from mcp_guard.approvals import ApprovalRequest, Approvals, ApprovalState, Tally, Verdict
 from mcp_guard.config import Config, load_config
 from mcp_guard.identity import local_identity
-from mcp_guard.reviewers import MIN_COST, KeyVerifier, Signer, enroll, unlock
+from mcp_guard.reviewers import MIN_COST, Signer, enroll, unlock
 from mcp_guard.store import open_store
 from mcp_guard.store.base import Store
 from tests.conftest import write_config
@@ -101,7 +101,7 @@ async def desk(config_path: Path) -> AsyncIterator[Desk]:
     store = open_store(config.audit_url)
     await store.open()
     try:
-        yield Desk(config, store, Approvals(store, KeyVerifier(config.settings.approvals.reviewer_map())))
+        yield Desk(config, store, Approvals(store, config.settings.approvals.verifier()))
     finally:
         await store.close()
 

@@ -13,6 +13,7 @@ from textual.widgets import DataTable, Static
 
 from mcp_guard.approvals import ApprovalState
 from mcp_guard.review.app import DecisionScreen, DetailsScreen, ReviewApp
+from mcp_guard.review.desk import StoreDesk
 from tests.approval_support import (
     PASSPHRASES,
     REQUESTER,
@@ -39,7 +40,7 @@ def shown(widget: Static) -> str:
 def app_for(reviewers: Desk, name: str) -> ReviewApp:
     reviewer = reviewers.approvals.verifier.reviewer(name)
     assert reviewer is not None
-    return ReviewApp(reviewers.approvals, reviewer, f"review-test-{name}")
+    return ReviewApp(StoreDesk(reviewers.approvals, reviewer, f"review-test-{name}"))
 
 
 async def until(pilot: Pilot[None], condition: Callable[[], bool], what: str, timeout: float = 10) -> None:
@@ -173,9 +174,8 @@ async def test_the_ui_keeps_the_newest_checkpoint_and_reports_a_store_cut_behind
     async with desk(config) as reviewers:
         reviewer = reviewers.approvals.verifier.reviewer("dana")
         assert reviewer is not None
-        app = ReviewApp(
-            reviewers.approvals, reviewer, "review-test", (kept, {public_key_text(key.public_key())})
-        )
+        trusted = {public_key_text(key.public_key())}
+        app = ReviewApp(StoreDesk(reviewers.approvals, reviewer, "review-test", (kept, trusted)))
         async with app.run_test(size=(140, 45)) as pilot:
             await until(pilot, lambda: app.checkpoint is not None, "the kept checkpoint")
             assert kept.exists() and f"audit checkpoint: {app.checkpoint} entries" in app.sub_title

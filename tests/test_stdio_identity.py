@@ -109,7 +109,7 @@ async def test_the_token_is_verified_again_when_it_expires(local_idp):
     settings = IdentitySettings(mode="oidc", issuer=local_idp.issuer, audience=AUDIENCE, token_env="T_TOKEN")
     verifier = OidcVerifier(settings)
     now = [time.time()]
-    caller = StdioCaller(verifier, TokenSource(settings), clock=lambda: now[0])
+    caller = StdioCaller(verifier, TokenSource.of(settings), clock=lambda: now[0])
     try:
         os.environ["T_TOKEN"] = local_idp.token("alice", ["analysts"], exp=int(now[0]) + 120)
         assert (await caller()).subject == "alice"

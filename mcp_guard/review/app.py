@@ -1,17 +1,16 @@
 """`mcp-guard review`: the reviewer's terminal UI over the shared store.
 
-It lists pending requests live (a watch on the store: another process's new request appears within
-a fraction of a second), shows the highlighted one in full (SQL, reason, requester, connection,
-classification, flags, tables, row estimate, age, votes), approves (`a`) or denies (`d`, asking for
-a reason), opens details (`enter`/`v`), and lists recent decisions. The reviewer's passphrase is
-asked at the first decision and the key derived from it is kept in memory while the UI runs.
+It lists pending requests live (a watch on the store, or on a gateway's reviewers' API: another
+process's new request appears within a fraction of a second), shows the highlighted one in full
+(SQL, reason, requester, connection, classification, flags, tables, row estimate, age, votes),
+approves (`a`) or denies (`d`, asking for a reason), opens details (`enter`/`v`), and lists recent
+decisions. A reviewer with a passphrase is asked it at the first decision and the key derived from
+it is kept in memory while the UI runs; a reviewer with a token decides through the gateway.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Collection
-from pathlib import Path
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -25,16 +24,14 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
-from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState, Verdict
-from mcp_guard.audit.verify import keep_latest_checkpoint
+from mcp_guard.approvals import ApprovalRequest, ApprovalState, Verdict
 from mcp_guard.errors import GuardError
 from mcp_guard.review import describe
-from mcp_guard.reviewers import Reviewer, Signer, unlock
+from mcp_guard.review.desk import DECIDED, ReviewDesk
 
 RECENT = 10
 REFRESH_S = 1.0
 """The list is reloaded on every change the store reports, and at least this often (ages move)."""
-_DECIDED = [ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED]
 
 
 def _sql(request: ApprovalRequest) -> Syntax:
@@ -50,7 +47,7 @@ def _facts(request: ApprovalRequest) -> Table:
     return grid
 
 
-class DecisionScreen(ModalScreen[tuple[str, Signer | None] | None]):
+class DecisionScreen(ModalScreen[str | None]):
     """Approve (a comment, optional) or deny (a reason, required); the passphrase if not yet given."""
 
     BINDINGS = [Binding("escape", "cancel", "Cancel")]
@@ -61,12 +58,12 @@ class DecisionScreen(ModalScreen[tuple[str, Signer | None] | None]):
     #error { color: $error; height: auto; }
     """
 
-    def __init__(self, request: ApprovalRequest, verdict: Verdict, reviewer: Reviewer, locked: bool) -> None:
+    def __init__(self, request: ApprovalRequest, verdict: Verdict, desk: ReviewDesk) -> None:
         super().__init__()
         self.request = request
         self.verdict = verdict
-        self.reviewer = reviewer
-        self.locked = locked
+        self.desk = desk
+        self.locked = desk.locked
 
     def compose(self) -> ComposeResult:
         title = "Approve" if self.verdict == "approve" else "Deny"
@@ -77,7 +74,7 @@ class DecisionScreen(ModalScreen[tuple[str, Signer | None] | None]):
             yield Label("Comment (optional):" if self.verdict == "approve" else "Reason (required):")
             yield Input(id="text", placeholder="recorded with your decision; the requester is told")
             if self.locked:
-                yield Label(f"Passphrase of reviewer {escape(self.reviewer.name)}:")
+                yield Label(f"Passphrase of reviewer {escape(self.desk.reviewer.name)}:")
                 yield Input(id="passphrase", password=True)
             yield Static(id="error")
             yield Label("[dim]enter: confirm   escape: cancel[/]")
@@ -93,19 +90,19 @@ class DecisionScreen(ModalScreen[tuple[str, Signer | None] | None]):
             self.query_one("#text", Input).focus()
             return
         if not self.locked:
-            self.dismiss((text, None))
+            self.dismiss(text)
             return
         passphrase = self.query_one("#passphrase", Input)
         if event.input.id == "text":
             passphrase.focus()
             return
         try:
-            signer = await asyncio.to_thread(unlock, self.reviewer, passphrase.value)
+            await asyncio.to_thread(self.desk.unlock, passphrase.value)
         except GuardError as error:
             self._error(str(error))
             passphrase.value = ""
             return
-        self.dismiss((text, signer))
+        self.dismiss(text)
 
     def _error(self, message: str) -> None:
         self.query_one("#error", Static).update(escape(message))
@@ -163,25 +160,15 @@ class ReviewApp(App[None]):
         Binding("q", "quit", "Quit"),
     ]
 
-    def __init__(
-        self,
-        approvals: Approvals,
-        reviewer: Reviewer,
-        session_id: str,
-        witness: tuple[Path, Collection[str]] | None = None,
-    ) -> None:
-        """`witness`: where this reviewer keeps the newest checkpoint it has seen, and the keys trusted
-        to sign one; a store cut or rolled back since is then reported on screen."""
+    def __init__(self, desk: ReviewDesk) -> None:
         super().__init__()
-        self.approvals = approvals
-        self.reviewer = reviewer
-        self.witness = witness
-        self.actor = Actor(reviewer.subject, session_id)
+        self.desk = desk
+        self.reviewer = desk.reviewer
         self.pending: list[ApprovalRequest] = []
         self.recent: list[ApprovalRequest] = []
         self.checkpoint: int | None = None
-        """Entries the newest checkpoint kept by this reviewer vouches for."""
-        self._signer: Signer | None = None
+        """Entries the newest checkpoint kept by this reviewer vouches for (a store cut or rolled
+        back since is reported on screen)."""
 
     def compose(self) -> ComposeResult:
         yield Header()
@@ -205,7 +192,7 @@ class ReviewApp(App[None]):
 
     @work(exclusive=True, group="store")
     async def follow_store(self) -> None:
-        async with self.approvals.store.watch_approvals() as changes:
+        async with self.desk.changes() as changes:
             while True:
                 try:
                     await self.reload()
@@ -214,13 +201,11 @@ class ReviewApp(App[None]):
                 await changes.wait(REFRESH_S)
 
     async def reload(self) -> None:
-        if self.witness is not None:
-            kept = await keep_latest_checkpoint(self.approvals.store, *self.witness)
-            self.checkpoint = kept.entries if kept is not None else None
-            if self.checkpoint is not None:
-                self.sub_title = f"{self.reviewer_title}; audit checkpoint: {self.checkpoint} entries"
-        self.pending = await self.approvals.listing(self.actor, [ApprovalState.PENDING])
-        self.recent = await self.approvals.listing(self.actor, _DECIDED, limit=RECENT)
+        self.checkpoint = await self.desk.checkpoint()
+        if self.checkpoint is not None:
+            self.sub_title = f"{self.reviewer_title}; audit checkpoint: {self.checkpoint} entries"
+        self.pending = await self.desk.listing([ApprovalState.PENDING])
+        self.recent = await self.desk.listing(DECIDED, limit=RECENT)
         self._fill(
             "#pending",
             self.pending,
@@ -295,31 +280,26 @@ class ReviewApp(App[None]):
             self.say("No pending request is selected.")
             return
         try:
-            self.approvals.check_reviewer(request, self.reviewer.name)
+            self.desk.check(request)
         except GuardError as error:
             self.say(f"[red]{escape(str(error))}[/]")
             return
 
-        def decided(answer: tuple[str, Signer | None] | None) -> None:
-            if answer is not None:
-                text, signer = answer
-                self._signer = self._signer or signer
+        def decided(text: str | None) -> None:
+            if text is not None:
                 self.cast(request, verdict, text)
 
-        self.push_screen(DecisionScreen(request, verdict, self.reviewer, self._signer is None), decided)
+        self.push_screen(DecisionScreen(request, verdict, self.desk), decided)
 
     @work(group="votes")
     async def cast(self, request: ApprovalRequest, verdict: Verdict, text: str) -> None:
-        assert self._signer is not None
         try:
-            decided, counted = await self.approvals.vote(
-                request.id, self._signer, verdict, text, self.actor.session_id
-            )
+            decided, tally = await self.desk.vote(request.id, verdict, text)
         except GuardError as error:
             self.say(f"[red]{escape(str(error))}[/]")
         else:
             if decided.state is ApprovalState.PENDING:
-                self.say(f"Recorded your {verdict} on {request.id}; so far {escape(counted.describe())}.")
+                self.say(f"Recorded your {verdict} on {request.id}; so far {escape(tally)}.")
             else:
                 self.say(f"Request {request.id} is now [b]{decided.state}[/b].")
         await self.reload()
