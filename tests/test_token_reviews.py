@@ -23,7 +23,7 @@ from mcp_guard.reviewers import GatewaySigner, Reviewer
 from mcp_guard.store.base import AuditFilter, EventType
 from mcp_guard.store.checkpoint import generate_key_file, public_key_text
 from tests.approval_support import desk, settled
-from tests.client import guard_http_client, http_server
+from tests.client import guard_client, guard_http_client, http_server
 from tests.conftest import write_config
 from tests.idp import AUDIENCE, LocalIdP
 from tests.test_review_ui import until
@@ -341,3 +341,33 @@ def test_token_reviewers_need_oidc(tmp_path):
         timeout=60,
     )
     assert checked.returncode == 2 and 'token_reviewers needs [identity] mode = "oidc"' in checked.stderr
+
+
+async def test_a_stdio_server_sharing_the_store_runs_what_a_token_reviewer_approved_at_the_gateway(
+    tmp_path, local_idp
+):
+    """The usual team: the assistant's own stdio server (local mode), a gateway where reviewers sign
+    in, one store. The stdio server never sees a token; it trusts the gateway's key."""
+    gateway_home, laptop_home = tmp_path / "gateway", tmp_path / "laptop"
+    gateway_home.mkdir()
+    laptop_home.mkdir()
+    gateway = gateway_config(gateway_home, local_idp, wait=1)
+    [trusted] = json.loads(gateway.read_text().split("gateway_keys = ")[1].splitlines()[0])
+    laptop = write_config(
+        laptop_home,
+        f'[connections.shop]\nurl = "sqlite:///{gateway_home / "shop.db"}"\n{POLICY}\n'
+        f'[approvals]\nwait = 30\ngateway_keys = ["{trusted}"]\n',
+    )
+    laptop.write_text(
+        laptop.read_text().replace(str(laptop_home / "audit.db"), str(gateway_home / "audit.db"))
+    )
+    bob = reviewer_token(local_idp, "bob", ["dba"])
+    with http_server(gateway, gateway_home, "streamable-http") as url:
+        async with guard_client(laptop, laptop_home) as client:
+            call = asyncio.create_task(client.call("execute", **DELETE))
+            request_id = await next_pending(gateway)
+            approved = await asyncio.to_thread(as_reviewer, tmp_path, url, bob, "approve", request_id)
+            done = await settled(call)
+    assert approved.returncode == 0, approved.stderr
+    assert not done.is_error, done.text  # type: ignore[attr-defined]
+    assert orders_left(gateway) == 0
