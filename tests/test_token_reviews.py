@@ -26,7 +26,7 @@ from tests.approval_support import desk, settled
 from tests.client import guard_client, guard_http_client, http_server
 from tests.conftest import write_config
 from tests.idp import AUDIENCE, LocalIdP
-from tests.test_review_ui import until
+from tests.test_review_ui import type_text, until
 
 REVIEW_AUDIENCE = "mcp-guard-review"
 POLICY = """
@@ -256,7 +256,11 @@ async def test_the_review_ui_decides_through_the_gateway_with_a_token(tmp_path, 
                     await pilot.press("a")
                     await until(pilot, lambda: isinstance(app.screen, DecisionScreen), "the decision dialog")
                     assert not app.query("#passphrase")  # a token needs no passphrase
-                    await pilot.press(*"ok by me", "enter")
+                    await until(
+                        pilot, lambda: getattr(app.focused, "id", None) == "text", "the comment field"
+                    )
+                    await type_text(pilot, "ok by me")
+                    await pilot.press("enter")
                     await until(pilot, lambda: table.row_count == 0, "the request leaving the list")
             done = await settled(call)
     assert not done.is_error, done.text  # type: ignore[attr-defined]
