@@ -44,6 +44,7 @@ from mcp_guard.backends.base import Backend, JsonScalar, WriteResult
 from mcp_guard.classify import Classification, Statement, StatementKind, classify
 from mcp_guard.config import Config, ConnectionSettings
 from mcp_guard.errors import ApprovalError, AuditError, GuardError, PolicyDenied, UsageError
+from mcp_guard.failure_budget import FailureBudget
 from mcp_guard.identity import Identity
 from mcp_guard.masking import Masking
 from mcp_guard.masking_step import MaskingStep, Refusal, audit_key
@@ -147,6 +148,7 @@ class Guard:
             config, masking or Masking.from_settings(config.settings.masking, config.source), self._backend
         )
         self.approvals = Approvals(store, config.settings.approvals.verifier())
+        self.failures = FailureBudget()
 
     @classmethod
     async def start(cls, config: Config) -> Guard:
@@ -211,7 +213,12 @@ class Guard:
         call_id: str | None = None,
         tool: str | None = None,
     ) -> None:
-        """A caller refused for its token: the reason and the token's fingerprint, never the token."""
+        """A caller refused for its token: the reason and the token's fingerprint, never the token.
+        A flood from one source is condensed (failure_budget.py): one entry per interval, with a count."""
+        unrecorded = self.failures.admit(detail.get("client_address") or transport)
+        if unrecorded is None:
+            return
+        extra: dict[str, JsonValue] = {"unrecorded_before": unrecorded} if unrecorded else {}
         await self.store.append(
             AuditEvent(
                 type=EventType.AUTH_FAILURE,
@@ -220,7 +227,7 @@ class Guard:
                 call_id=call_id,
                 tool=tool,
                 decision="deny",
-                detail={"reason": reason, "transport": transport, **detail},
+                detail={"reason": reason, "transport": transport, **detail, **extra},
             )
         )
 
