@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState
+from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState, json_strings
 from mcp_guard.config import Config
 from mcp_guard.errors import ApprovalError, AuditError, ConfigError, UsageError
 from mcp_guard.identity import Identity, token_fingerprint
@@ -116,7 +116,8 @@ class ReviewApi:
             limit = _number(request.query_params.get("limit", "100"), "limit", 1, MAX_LIMIT)
             actor = self._actor(identity, token)
             found = await self.approvals.listing(actor, _STATES[state], limit=MAX_LIMIT)
-            shown = [self._shown(r, identity) for r in found if _visible(r, identity)][: int(limit)]
+            shown: list[JsonValue] = [self._shown(r, identity) for r in found if _visible(r, identity)]
+            del shown[int(limit) :]
             return {"reviewer": self._whoami(identity), "requests": shown}
 
         return await self._answer(request, act)
@@ -176,7 +177,11 @@ class ReviewApi:
 
     @staticmethod
     def _whoami(identity: Identity) -> dict[str, JsonValue]:
-        return {"subject": identity.subject, "groups": sorted(identity.groups), "email": identity.email}
+        return {
+            "subject": identity.subject,
+            "groups": json_strings(sorted(identity.groups)),
+            "email": identity.email,
+        }
 
     @staticmethod
     def _actor(identity: Identity, token: str) -> Actor:

@@ -216,7 +216,7 @@ class KeyVerifier(ProofVerifier):
 
     def verify(self, name: str, payload: bytes, proof: str) -> Reviewer:
         reviewer = self._reviewers.get(name)
-        if reviewer is None:
+        if reviewer is None or reviewer.key is None:
             raise ApprovalError(f"{name!r} is not a reviewer of this server")
         scheme, _, signature = proof.partition(":")
         if scheme != PROOF_SCHEME:

@@ -221,16 +221,16 @@ class Gateway:
             answer = response.json()
         except ValueError:
             answer = None
-        error = answer.get("error_description") or answer.get("error") if isinstance(answer, dict) else None
+        message = answer.get("error_description") or answer.get("error") if isinstance(answer, dict) else None
         if response.status_code == 401:
-            raise AuthenticationError(f"the gateway refused the token: {error or 'no reason given'}")
-        if response.status_code == 404 and error is None:
+            raise AuthenticationError(f"the gateway refused the token: {message or 'no reason given'}")
+        if response.status_code == 404 and message is None:
             raise UsageError(
                 f"{self.base} has no reviewers' API: is it an mcp-guard gateway serving HTTP with "
                 "approvals.token_reviewers = true?"
             )
         if response.status_code >= 400 or not isinstance(answer, dict):
-            raise ApprovalError(error or f"the gateway answered {response.status_code} without a reason")
+            raise ApprovalError(message or f"the gateway answered {response.status_code} without a reason")
         return answer
 
 
