@@ -243,15 +243,6 @@ class OidcVerifier:
         raise AuthenticationError(f"the token's {name!r} claim must be a list of strings")
 
 
-async def identity_from_token(settings: IdentitySettings, token: str) -> Identity:
-    """One token, verified once: for commands (the reviewer's) that act on a person's token."""
-    verifier = OidcVerifier(settings)
-    try:
-        return await verifier.verify(token)
-    finally:
-        await verifier.aclose()
-
-
 class TokenSource:
     """A caller's token: an environment variable, or a file a login helper keeps fresh."""
 

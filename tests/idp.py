@@ -12,6 +12,9 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from jose import jwk, jwt
 
+from mcp_guard.config import IdentitySettings
+from mcp_guard.identity import Identity, OidcVerifier
+
 AUDIENCE = "mcp-guard-tests"
 REMOVE = object()
 """Pass as a claim's value to leave the claim out."""
@@ -129,3 +132,12 @@ class LocalIdP:
                 pass
 
         return Handler
+
+
+async def verify_once(settings: IdentitySettings, token: str) -> Identity:
+    """One token through a verifier of its own, as a server would check it."""
+    verifier = OidcVerifier(settings)
+    try:
+        return await verifier.verify(token)
+    finally:
+        await verifier.aclose()

@@ -11,10 +11,9 @@ from mcp_guard.cli import main
 from mcp_guard.config import IdentitySettings
 from mcp_guard.devtoken import DEV_ISSUER
 from mcp_guard.errors import AuthenticationError
-from mcp_guard.identity import identity_from_token
 from tests.client import guard_client
 from tests.conftest import write_config
-from tests.idp import AUDIENCE
+from tests.idp import AUDIENCE, verify_once
 
 
 def mint(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
@@ -36,7 +35,7 @@ async def test_a_dev_token_verifies_once_the_dev_issuer_is_trusted(tmp_path, mon
     assert claims["exp"] - claims["iat"] == 15 * 60
 
     trusted = IdentitySettings(mode="oidc", issuer=DEV_ISSUER, audience="mcp-guard", jwks_file=jwks_file)
-    identity = await identity_from_token(trusted, token)
+    identity = await verify_once(trusted, token)
     assert (identity.subject, identity.groups, identity.issuer) == (
         "alice",
         {"analysts", "oncall"},
@@ -51,7 +50,7 @@ async def test_a_dev_token_is_refused_by_a_server_trusting_a_real_provider(
     _, token, _ = mint(capsys, "--dev", "--subject", "alice", "--audience", AUDIENCE)
     settings = IdentitySettings(mode="oidc", issuer=local_idp.issuer, audience=AUDIENCE)
     with pytest.raises(AuthenticationError, match="is not in the identity provider's key set"):
-        await identity_from_token(settings, token)
+        await verify_once(settings, token)
 
 
 @pytest.mark.parametrize(
