@@ -288,6 +288,18 @@ class IdentitySettings(_Model):
         return self
 
 
+def _public_key_texts(keys: tuple[str, ...], what: str) -> tuple[str, ...]:
+    """`keys` when each is an Ed25519 public key as `ed25519:<base64>`; ValueError naming the bad one."""
+    from mcp_guard.store.checkpoint import parse_public_key
+
+    for key in keys:
+        try:
+            parse_public_key(key, what)
+        except ConfigError as error:
+            raise ValueError(str(error)) from None
+    return keys
+
+
 class AuditSettings(_Model):
     url: str | None = None
     """Audit store: `sqlite:///path`, or `postgresql://` without a password; default: audit.db under
@@ -327,14 +339,7 @@ class AuditSettings(_Model):
     @field_validator("trusted_keys")
     @classmethod
     def _public_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        from mcp_guard.store.checkpoint import parse_public_key
-
-        for key in keys:
-            try:
-                parse_public_key(key, "trusted key")
-            except ConfigError as error:
-                raise ValueError(str(error)) from None
-        return keys
+        return _public_key_texts(keys, "trusted key")
 
 
 SemanticType = Literal["email", "phone", "ssn", "national_id", "card", "iban", "secret", "jwt", "ip"]
@@ -444,14 +449,7 @@ class ApprovalSettings(_Model):
     @field_validator("gateway_keys")
     @classmethod
     def _gateway_keys(cls, keys: tuple[str, ...]) -> tuple[str, ...]:
-        from mcp_guard.store.checkpoint import parse_public_key
-
-        for key in keys:
-            try:
-                parse_public_key(key, "gateway key")
-            except ConfigError as error:
-                raise ValueError(str(error)) from None
-        return keys
+        return _public_key_texts(keys, "gateway key")
 
     @field_validator("reviewers")
     @classmethod

@@ -99,6 +99,14 @@ def orders_left(config: Path) -> int:
         return int(db.execute("SELECT count(*) FROM orders WHERE id = 1").fetchone()[0])
 
 
+async def held_delete(url: str, idp: LocalIdP) -> str:
+    """Alice's DELETE, held for a dba: the request id the gateway answers with."""
+    async with guard_http_client(url, "streamable-http", idp.token("alice", ["devs"])) as client:
+        held = await client.call("execute", **DELETE)
+    assert held.structured is not None, held.text
+    return str(held.structured["request_id"])
+
+
 async def next_pending(config: Path) -> str:
     async with desk(config) as reviewers:
         return (await reviewers.next_request()).id
@@ -143,9 +151,7 @@ async def test_a_reviewer_approves_with_a_token_and_the_waiting_call_runs(gatewa
 async def test_the_tokens_groups_decide_who_may_vote(tmp_path, local_idp):
     config = gateway_config(tmp_path, local_idp, wait=0.2)
     with http_server(config, tmp_path, "streamable-http") as url:
-        async with guard_http_client(url, "streamable-http", local_idp.token("alice", ["devs"])) as client:
-            held = await client.call("execute", **DELETE)
-        request_id = held.structured["request_id"]
+        request_id = await held_delete(url, local_idp)
         carol = reviewer_token(local_idp, "carol", ["devs"])
         alice_dba = reviewer_token(local_idp, "alice", ["dba"])
         expired = reviewer_token(local_idp, "bob", ["dba"], exp=1_000_000, iat=999_000)
@@ -216,9 +222,7 @@ async def test_votes_count_only_when_a_trusted_gateway_signed_them(tmp_path, loc
 async def test_a_vote_whose_vouched_groups_were_edited_does_not_count(tmp_path, local_idp):
     config = gateway_config(tmp_path, local_idp, wait=0.2)
     with http_server(config, tmp_path, "streamable-http") as url:
-        async with guard_http_client(url, "streamable-http", local_idp.token("alice", ["devs"])) as client:
-            held = await client.call("execute", **DELETE)
-        request_id = held.structured["request_id"]
+        request_id = await held_delete(url, local_idp)
         voted = as_reviewer(tmp_path, url, reviewer_token(local_idp, "bob", ["dba"]), "approve", request_id)
     assert voted.returncode == 0, voted.stderr
 
@@ -274,9 +278,7 @@ async def test_the_reviewers_api_refuses_bad_requests_and_keeps_serving(tmp_path
     bob = reviewer_token(local_idp, "bob", ["dba"])
     with http_server(config, tmp_path, "streamable-http") as url:
         base = url.removesuffix("/mcp")
-        async with guard_http_client(url, "streamable-http", local_idp.token("alice", ["devs"])) as client:
-            held = await client.call("execute", **DELETE)
-        request_id = held.structured["request_id"]
+        request_id = await held_delete(url, local_idp)
         auth = {"Authorization": f"Bearer {bob}"}
         async with httpx2.AsyncClient(base_url=base, timeout=30) as http:
             anonymous = await http.get("/approvals")
