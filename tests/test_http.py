@@ -258,3 +258,27 @@ async def test_masks_follow_the_groups_in_each_callers_token(tmp_path, local_idp
     assert clear.structured["rows"] == [[email]]
     assert email not in masked.text and "@" not in masked.structured["rows"][0][0]
     assert masked.structured["masked_columns"] and not clear.structured["masked_columns"]
+
+
+async def test_connections_the_server_accepts_send_without_delay():
+    """Nagle off on each accepted connection: a kept-alive client otherwise waits ~40 ms per answer."""
+    import socket
+
+    from mcp_guard.server import listen
+
+    accepted: list[int] = []
+
+    def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepted.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, sock=listen("127.0.0.1", 0))
+    async with server:
+        port = server.sockets[0].getsockname()[1]
+        _, writer = await asyncio.open_connection("127.0.0.1", port)
+        with anyio.fail_after(5):
+            while not accepted:
+                await asyncio.sleep(0.01)
+        writer.close()
+        await writer.wait_closed()
+    assert accepted == [1]
