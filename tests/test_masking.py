@@ -456,6 +456,7 @@ async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
         *("123-45-6789", "１２３４５６７８９０１２", "tel 12 34 56 7", "GB82 WEST 1234 5698 7654 32"),
         *("192.168.1.20", "sk_live_abcdefghijkl", "short", "", "é" * 9, "a1b2c3d4e5f6g7h8", "99 99 999"),
         *("9999 9999 9999", "9999-9999", "999 999", "9999-999"),  # at each threshold
+        *("+1 202 555 0143 ext", "4111 1111 1111 1234.", "123-45-678 9", "1234567x8", "12345678９"),  # tails
     ]
     conn = await asyncpg.connect(pg_shop_url)
     try:
