@@ -359,8 +359,12 @@ class Detectors:
         for column in columns:
             found: list[Finding] = []
             values = [row[column] for row in rows]
-            rows_of = [index for index, value in enumerate(values) if isinstance(value, str)]
-            if len(rows_of) < len(values):
+            types = set(map(type, values))  # in C: most columns hold one type, and need no loop
+            rows_of: Sequence[int] = range(len(values))
+            if types != {str}:
+                texts = any(issubclass(kind, str) for kind in types)
+                rows_of = [i for i, value in enumerate(values) if isinstance(value, str)] if texts else []
+            if len(rows_of) < len(values) and not _scalars_only(types, values):
                 for index, value in enumerate(values):
                     if isinstance(value, dict | list) or (
                         isinstance(value, int) and not isinstance(value, bool) and value >= 10**12
@@ -369,6 +373,7 @@ class Detectors:
                         if kinds:
                             found.append(Finding(index, column, kinds, value))
                             rows[index][column] = masked
+            if len(rows_of) < len(values):
                 strings: list[str] = [values[index] for index in rows_of]  # type: ignore[misc]
             else:
                 strings = values  # type: ignore[assignment]
@@ -428,6 +433,20 @@ class Detectors:
     def text(self, text: str) -> str:
         """An error message or any other text, with findings replaced."""
         return self.replace(text)[0]
+
+
+_SCALARS = frozenset({str, type(None), bool, float})
+
+
+def _scalars_only(types: set[type], values: list[JsonValue]) -> bool:
+    """Whether a column holds no value to scan one by one (a JSON value, an integer of 13 digits or
+    more), told from the set of its types and, for ints, their largest: no loop over the values."""
+    if types <= _SCALARS:
+        return True
+    if not types <= _SCALARS | {int}:
+        return False
+    ints = values if types == {int} else [value for value in values if type(value) is int]
+    return max(ints) < 10**12  # type: ignore[type-var]
 
 
 def _replaced(text: str, matches: list[tuple[int, int, DetectorName]], offset: int) -> str:

@@ -167,6 +167,8 @@ def test_detectors_validate_before_replacing():
     mixed = [[Text("mail ada@example.com")], [12345678901234], ["4111 1111 1111 1111"], [None]]
     found = detectors.scan(mixed, [0])
     assert [f.row for f in found] == [0, 2] and mixed[0][0] == "mail [masked:email]"
+    numbers = [[7], [4111111111111111], [None], [2.5]]  # a column of numbers: a long one is still scanned
+    assert [f.row for f in detectors.scan(numbers, [0])] == [1] and numbers[1][0] == "[masked:card]"
 
 
 def test_sealed_originals_open_only_with_the_key_and_untouched():
