@@ -24,6 +24,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
+from operator import add
 from typing import NamedTuple
 
 from mcp_guard.config import DetectorName
@@ -350,9 +351,8 @@ class Detectors:
     def scan(self, rows: list[list[JsonValue]], columns: Sequence[int]) -> list[Finding]:
         """Replace findings in place in `rows` (only the given columns); return what was replaced.
 
-        A column's strings are scanned as one text joined with NUL: no pattern can match NUL, and NUL
-        is to every lookaround what the start or end of a string is, so each value's matches are the
-        ones it would have alone. JSON values and long integers are scanned one by one."""
+        A column's strings are scanned together (`_replaced_texts`); JSON values and long integers
+        one by one."""
         if not self._branches:
             return []
         findings: list[Finding] = []
@@ -377,35 +377,46 @@ class Detectors:
                 strings: list[str] = [values[index] for index in rows_of]  # type: ignore[misc]
             else:
                 strings = values  # type: ignore[assignment]
-            text = _SEPARATOR.join(strings)
-            matches = self._matches(text)
-            if not matches:
-                findings.extend(found)
-                continue
-            starts = list(accumulate((len(value) + 1 for value in strings), initial=0))
-            kinds_at: dict[int, tuple[str, ...]] = {}  # the position of each value with matches, in order
-            for match in matches:
-                position = bisect_right(starts, match[0]) - 1
-                kinds = kinds_at.get(position)
-                if kinds is None:
-                    kinds_at[position] = (match[2],)
-                elif match[2] not in kinds:
-                    kinds_at[position] = (*kinds, match[2])
-            replaced: list[str] | dict[int, str]
-            if text.count(_SEPARATOR) == len(strings) - 1:  # the values, replaced in one pass
-                replaced = _replaced(text, matches, 0).split(_SEPARATOR)
-            else:  # a value holds NUL itself: alone, it has the same matches (NUL is an edge to each)
-                replaced = {position: self.replace(strings[position])[0] for position in kinds_at}
-            in_columns = [
-                Finding(rows_of[position], column, kinds, strings[position])
-                for position, kinds in kinds_at.items()
-            ]
-            for finding, position in zip(in_columns, kinds_at, strict=True):
-                rows[finding.row][column] = replaced[position]
+            in_column: list[Finding] = []
+            for position, kinds, masked in self._replaced_texts(strings):
+                index = rows_of[position]
+                in_column.append(Finding(index, column, kinds, strings[position]))
+                rows[index][column] = masked
             findings.extend(
-                sorted(found + in_columns, key=lambda finding: finding.row) if found else in_columns
+                sorted(found + in_column, key=lambda finding: finding.row) if found else in_column
             )
         return findings
+
+    def _replaced_texts(self, strings: list[str]) -> list[tuple[int, tuple[str, ...], str]]:
+        """(position, kinds found, replaced text) of each of `strings` with findings, in order.
+
+        Equal values are scanned once (a value's matches do not depend on its neighbours), the
+        distinct ones as one text joined with NUL: no pattern can match NUL, and NUL is to every
+        lookaround what the start or end of a string is, so each value's matches are the ones it
+        would have alone."""
+        unique = list(dict.fromkeys(strings))
+        text = _SEPARATOR.join(unique)
+        matches = self._matches(text)
+        if not matches:
+            return []
+        starts = list(map(add, accumulate(map(len, unique), initial=0), range(len(unique) + 1)))
+        kinds_at: dict[int, tuple[str, ...]] = {}  # the position of each value with matches, in order
+        for match in matches:
+            position = bisect_right(starts, match[0]) - 1
+            kinds = kinds_at.get(position)
+            if kinds is None:
+                kinds_at[position] = (match[2],)
+            elif match[2] not in kinds:
+                kinds_at[position] = (*kinds, match[2])
+        replaced: list[str] | dict[int, str]
+        if text.count(_SEPARATOR) == len(unique) - 1:  # the values, replaced in one pass
+            replaced = _replaced(text, matches, 0).split(_SEPARATOR)
+        else:  # a value holds NUL itself: alone, it has the same matches
+            replaced = {position: self.replace(unique[position])[0] for position in kinds_at}
+        if len(unique) == len(strings):
+            return [(position, kinds, replaced[position]) for position, kinds in kinds_at.items()]
+        hits = {unique[position]: (kinds, replaced[position]) for position, kinds in kinds_at.items()}
+        return [(position, *hits[value]) for position, value in enumerate(strings) if value in hits]
 
     def _value(self, value: JsonValue) -> tuple[JsonValue, tuple[str, ...]]:
         """Strings, and the strings (keys too) inside JSON values."""
