@@ -123,28 +123,32 @@ _DETECTORS: tuple[tuple[DetectorName, str, Callable[[str], bool]], ...] = (
 leftmost-first alternation of these patterns in this order (a match that fails validation is left
 as it is and still consumes its text); `_BRANCHES` computes exactly that, faster."""
 
-_LOCAL_PART = re.compile(r"[A-Za-z0-9._%+-]*")
+_LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
 _EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+
+
+def _local_start(text: str, pos: int, at: int) -> int:
+    """Where the run of local-part characters that ends at the `@` at `at` starts (not before `pos`),
+    walked back a window at a time with `rstrip`, which drops exactly those characters, in C."""
+    start, width = at, 16
+    while start > pos:
+        window = text[max(pos, start - width) : start]
+        run = len(window) - len(window.rstrip(_LOCAL_CHARS))
+        start -= run
+        if run < len(window):
+            break
+        width *= 4
+    return start
 
 
 def _find_email(text: str, pos: int) -> tuple[int, int, DetectorName] | None:
     """The leftmost email at or after `pos`, found from its `@` (memchr speed) instead of trying the
     local part's character class at every position. An email holds exactly one `@`; its match starts
     where the run of local-part characters before that `@` starts (not before `pos`)."""
-    at = text.find("@", pos)
-    while at != -1:
-        if (domain := _EMAIL_DOMAIN.match(text, at)) is not None:
-            start, width = at, 16
-            while start > pos:  # walk back over the local part, a window at a time
-                window = text[max(pos, start - width) : start]
-                run = _LOCAL_PART.match(window[::-1]).end()  # type: ignore[union-attr]
-                start -= run
-                if run < len(window):
-                    break
-                width *= 4
-            if start < at:
-                return start, domain.end(), "email"
-        at = text.find("@", at + 1)
+    for domain in _EMAIL_DOMAIN.finditer(text, pos):
+        start = _local_start(text, pos, domain.start())
+        if start < domain.start():
+            return start, domain.end(), "email"
     return None
 
 
@@ -206,11 +210,16 @@ class _Finder:
 
 
 def _email_chain(text: str) -> list[_Match]:
+    """`_find_email` from the end of each email found: the domains, `@` first, come from one
+    `finditer` (a domain holds no `@`, so none is skipped), each bounded by the last email's end."""
     found: list[_Match] = []
     pos = 0
-    while (match := _find_email(text, pos)) is not None:
-        found.append(match)
-        pos = match[1]
+    for domain in _EMAIL_DOMAIN.finditer(text):
+        at = domain.start()
+        start = _local_start(text, pos, at)
+        if start < at:
+            found.append((start, domain.end(), "email"))
+            pos = domain.end()
     return found
 
 
