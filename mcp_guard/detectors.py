@@ -8,8 +8,9 @@ digit count for phone numbers, well-known prefixes for secrets. A match is repla
 The detectors mean the leftmost-first alternation of their patterns (`_DETECTORS`); `Detectors`
 computes exactly that branch by branch (`_BRANCHES`), each branch searched only in a text holding
 the literals it needs, with a search that `re` can skip along (one alternation tries every branch at
-every position: ~8 ms per 100 KB). A column is scanned as one text joined with NUL, which no pattern
-can match, so a match never spans two values.
+every position: ~8 ms per 100 KB); each branch's matches come from one `finditer`, and only where
+two branches' matches overlap are they merged step by step. A column's distinct values are scanned
+as one text joined with NUL, which no pattern can match, so a match never spans two values.
 """
 
 from __future__ import annotations
@@ -316,10 +317,10 @@ class Finding(NamedTuple):
 
 class Detectors:
     """The enabled detectors over a text: the leftmost-first alternation of their patterns, computed
-    branch by branch. Each branch runs only on a text holding the literals it needs, finds its next
-    match with its own fast search, and keeps it until the scan passes its start; at each step the
-    leftmost of the branches' next matches wins (on a tie, the branch listed first), as in one
-    alternation, so the result is the alternation's to the character."""
+    branch by branch. Each branch runs only on a text holding the literals it needs and finds its
+    matches with its own fast search; at each step the leftmost of the branches' next matches wins
+    (on a tie, the branch listed first), as in one alternation, so the result is the alternation's to
+    the character (`_disjoint` when no two matches overlap, else `_merged`)."""
 
     def __init__(self, enabled: Sequence[DetectorName]) -> None:
         self.enabled = tuple(name for name, _, _ in _DETECTORS if name in enabled)
