@@ -8,8 +8,9 @@ digit count for phone numbers, well-known prefixes for secrets. A match is repla
 The detectors mean the leftmost-first alternation of their patterns (`_DETECTORS`); `Detectors`
 computes exactly that branch by branch (`_BRANCHES`), each branch searched only in a text holding
 the literals it needs, with a search that `re` can skip along (one alternation tries every branch at
-every position: ~8 ms per 100 KB). A column is scanned as one text joined with NUL, which no pattern
-can match, so a match never spans two values.
+every position: ~8 ms per 100 KB); each branch's matches come from one `finditer`, and only where
+two branches' matches overlap are they merged step by step. A column's distinct values are scanned
+as one text joined with NUL, which no pattern can match, so a match never spans two values.
 """
 
 from __future__ import annotations
@@ -24,6 +25,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from itertools import accumulate
+from operator import add
+from typing import NamedTuple
 
 from mcp_guard.config import DetectorName
 from mcp_guard.values import JsonValue
@@ -60,11 +63,12 @@ def _iban(text: str) -> bool:
     return int(number) % 97 == 1
 
 
-_NOT_DIGIT = re.compile(r"[^0-9]")
+_NOT_DIGIT_BYTES = bytes(byte for byte in range(256) if not 0x30 <= byte <= 0x39)
 
 
 def _phone(text: str) -> bool:
-    return 8 <= len(_NOT_DIGIT.sub("", text)) <= 15
+    """8 to 15 digits: a match holds ASCII only, whose non-digit bytes `translate` deletes in C."""
+    return 8 <= len(text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGIT_BYTES)) <= 15
 
 
 def _jwt(text: str) -> bool:
@@ -120,28 +124,32 @@ _DETECTORS: tuple[tuple[DetectorName, str, Callable[[str], bool]], ...] = (
 leftmost-first alternation of these patterns in this order (a match that fails validation is left
 as it is and still consumes its text); `_BRANCHES` computes exactly that, faster."""
 
-_LOCAL_PART = re.compile(r"[A-Za-z0-9._%+-]*")
+_LOCAL_CHARS = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789._%+-"
 _EMAIL_DOMAIN = re.compile(r"@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}")
+
+
+def _local_start(text: str, pos: int, at: int) -> int:
+    """Where the run of local-part characters that ends at the `@` at `at` starts (not before `pos`),
+    walked back a window at a time with `rstrip`, which drops exactly those characters, in C."""
+    start, width = at, 16
+    while start > pos:
+        window = text[max(pos, start - width) : start]
+        run = len(window) - len(window.rstrip(_LOCAL_CHARS))
+        start -= run
+        if run < len(window):
+            break
+        width *= 4
+    return start
 
 
 def _find_email(text: str, pos: int) -> tuple[int, int, DetectorName] | None:
     """The leftmost email at or after `pos`, found from its `@` (memchr speed) instead of trying the
     local part's character class at every position. An email holds exactly one `@`; its match starts
     where the run of local-part characters before that `@` starts (not before `pos`)."""
-    at = text.find("@", pos)
-    while at != -1:
-        if (domain := _EMAIL_DOMAIN.match(text, at)) is not None:
-            start, width = at, 16
-            while start > pos:  # walk back over the local part, a window at a time
-                window = text[max(pos, start - width) : start]
-                run = _LOCAL_PART.match(window[::-1]).end()  # type: ignore[union-attr]
-                start -= run
-                if run < len(window):
-                    break
-                width *= 4
-            if start < at:
-                return start, domain.end(), "email"
-        at = text.find("@", at + 1)
+    for domain in _EMAIL_DOMAIN.finditer(text, pos):
+        start = _local_start(text, pos, domain.start())
+        if start < domain.start():
+            return start, domain.end(), "email"
     return None
 
 
@@ -161,13 +169,12 @@ class _Branch:
     """Literals of which the text must hold one from each group, or the branch cannot match there."""
     gate: re.Pattern[str] | None = None
     """A pattern the text must hold, or the branch cannot match there."""
-    find: Callable[[str, int], tuple[int, int, DetectorName] | None] | None = None
 
 
 _BRANCHES: tuple[_Branch, ...] = (
     _Branch("jwt", _DETECTORS[0][1], needs=(("eyJ",),)),
     _Branch("secret", _DETECTORS[1][1], gate=_SECRET_PRESENT),
-    _Branch("email", needs=(("@",),), find=_find_email),
+    _Branch("email", needs=(("@",),)),  # found by _find_email
     _Branch(
         "iban",
         r"(?<=\b[A-Z])[A-Z][0-9]{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,4})?\b",
@@ -191,7 +198,33 @@ _BRANCHES: tuple[_Branch, ...] = (
     ),
 )
 
-_Finder = Callable[[str, int], "tuple[int, int, DetectorName] | None"]
+_Match = tuple[int, int, DetectorName]
+
+
+@dataclass(frozen=True, slots=True)
+class _Finder:
+    """A branch's search (or one run of `lead` branches'): its leftmost match at or after a position,
+    and its chain of matches, each searched from the end of the one before (as `find` would give)."""
+
+    find: Callable[[str, int], _Match | None]
+    chain: Callable[[str], list[_Match]]
+
+
+def _email_chain(text: str) -> list[_Match]:
+    """`_find_email` from the end of each email found: the domains, `@` first, come from one
+    `finditer` (a domain holds no `@`, so none is skipped), each bounded by the last email's end."""
+    found: list[_Match] = []
+    pos = 0
+    for domain in _EMAIL_DOMAIN.finditer(text):
+        at = domain.start()
+        start = _local_start(text, pos, at)
+        if start < at:
+            found.append((start, domain.end(), "email"))
+            pos = domain.end()
+    return found
+
+
+_EMAIL = _Finder(_find_email, _email_chain)
 
 
 @lru_cache(maxsize=256)
@@ -204,28 +237,77 @@ def _finders(branches: tuple[_Branch, ...]) -> tuple[_Finder, ...]:
         run = [branches[index]]
         while run[0].lead and index + len(run) < len(branches) and branches[index + len(run)].lead:
             run.append(branches[index + len(run)])
-        finders.append(run[0].find or _search(tuple(run)))
+        finders.append(_EMAIL if run[0].name == "email" else _search(tuple(run)))
         index += len(run)
     return tuple(finders)
 
 
 def _search(run: tuple[_Branch, ...]) -> _Finder:
-    """The leftmost match of the branches' alternation at or after a position: (start, end, kind)."""
+    """The leftmost match of the branches' alternation at or after a position: (start, end, kind).
+    Its chain is `finditer`'s, which searches each match from the end of the one before (no pattern
+    matches the empty string), in C."""
     lead = "".join(dict.fromkeys(branch.lead for branch in run))
     alternatives = "|".join(f"(?P<b{i}>{branch.pattern})" for i, branch in enumerate(run))
-    search = re.compile(f"[{lead}](?:{alternatives})" if lead else alternatives).search
+    pattern = re.compile(f"[{lead}](?:{alternatives})" if lead else alternatives)
+    search, finditer = pattern.search, pattern.finditer
     names = {f"b{i}": branch.name for i, branch in enumerate(run)}
 
-    def find(text: str, pos: int) -> tuple[int, int, DetectorName] | None:
+    def find(text: str, pos: int) -> _Match | None:
         match = search(text, pos)
         return (match.start(), match.end(), names[match.lastgroup or ""]) if match is not None else None
 
-    return find
+    if len(run) == 1:
+        name = run[0].name
+
+        def chain(text: str) -> list[_Match]:
+            return [(*match.span(), name) for match in finditer(text)]
+
+    else:
+
+        def chain(text: str) -> list[_Match]:
+            return [(*match.span(), names[match.lastgroup or ""]) for match in finditer(text)]
+
+    return _Finder(find, chain)
 
 
-@dataclass(frozen=True, slots=True)
-class Finding:
-    """What the detectors replaced in one cell."""
+def _disjoint(chains: list[list[_Match]]) -> list[_Match] | None:
+    """The branches' chains as one, in order, when no two matches overlap (else None). Then each step
+    of the alternation takes the leftmost of the branches' next matches, which ends before any other
+    starts, and that branch's next match is its chain's next: the chains are the alternation's steps."""
+    chains = [chain for chain in chains if chain]
+    if len(chains) < 2:
+        return chains[0] if chains else []
+    matches = sorted(match for chain in chains for match in chain)  # timsort: merges the sorted runs
+    starts, ends, _ = zip(*matches, strict=True)
+    return None if any(map(int.__gt__, ends[:-1], starts[1:])) else matches
+
+
+def _merged(text: str, finders: tuple[_Finder, ...]) -> list[_Match]:
+    """The alternation's matches, step by step: each branch keeps its next match until the scan passes
+    its start; the leftmost wins (on a tie, the branch listed first), validated or not it is consumed."""
+    live = [(match, finder.find) for finder in finders if (match := finder.find(text, 0)) is not None]
+    found: list[_Match] = []
+    while live:
+        best = live[0][0]
+        for match, _ in live:  # the leftmost; on a tie, the branch listed first
+            if match[0] < best[0]:
+                best = match
+        found.append(best)
+        pos = best[1]
+        kept = []
+        for match, find in live:
+            if match[0] < pos:  # passed: this branch's next match from here on
+                if (again := find(text, pos)) is None:
+                    continue
+                match = again
+            kept.append((match, find))
+        live = kept
+    return found
+
+
+class Finding(NamedTuple):
+    """What the detectors replaced in one cell (one per replaced cell: a NamedTuple, built in a third
+    of a frozen dataclass's time)."""
 
     row: int
     column: int
@@ -235,17 +317,17 @@ class Finding:
 
 class Detectors:
     """The enabled detectors over a text: the leftmost-first alternation of their patterns, computed
-    branch by branch. Each branch runs only on a text holding the literals it needs, finds its next
-    match with its own fast search, and keeps it until the scan passes its start; at each step the
-    leftmost of the branches' next matches wins (on a tie, the branch listed first), as in one
-    alternation, so the result is the alternation's to the character."""
+    branch by branch. Each branch runs only on a text holding the literals it needs and finds its
+    matches with its own fast search; at each step the leftmost of the branches' next matches wins
+    (on a tie, the branch listed first), as in one alternation, so the result is the alternation's to
+    the character (`_disjoint` when no two matches overlap, else `_merged`)."""
 
     def __init__(self, enabled: Sequence[DetectorName]) -> None:
         self.enabled = tuple(name for name, _, _ in _DETECTORS if name in enabled)
         self._branches = tuple(b for b in _BRANCHES if b.name in self.enabled)
-        self._checks = {name: check for name, _, check in _DETECTORS}
+        self._checks = {name: check for name, _, check in _DETECTORS if check is not _always}
 
-    def _matches(self, text: str) -> list[tuple[int, int, DetectorName]]:
+    def _matches(self, text: str) -> list[_Match]:
         """The validated matches in `text`, in order: (start, end, kind)."""
         present: dict[tuple[str, ...], bool] = {}
 
@@ -263,31 +345,13 @@ class Detectors:
                 and (branch.gate is None or branch.gate.search(text) is not None)
             )
         )
+        if not finders:
+            return []
+        matches = _disjoint([finder.chain(text) for finder in finders])
+        if matches is None:
+            matches = _merged(text, finders)
         checks = self._checks
-        live = [(match, find) for find in finders if (match := find(text, 0)) is not None]
-        found: list[tuple[int, int, DetectorName]] = []
-        while live:
-            best = live[0][0]
-            for match, _ in live:  # the leftmost; on a tie, the branch listed first
-                if match[0] < best[0]:
-                    best = match
-            if checks[best[2]](text[best[0] : best[1]]):
-                found.append(best)
-            pos = best[1]
-            if len(live) == 1:
-                match, find = live[0]
-                next_match = find(text, pos)
-                live = [(next_match, find)] if next_match is not None else []
-                continue
-            kept = []
-            for match, find in live:
-                if match[0] < pos:  # passed: this branch's next match from here on
-                    if (again := find(text, pos)) is None:
-                        continue
-                    match = again
-                kept.append((match, find))
-            live = kept
-        return found
+        return [m for m in matches if m[2] not in checks or checks[m[2]](text[m[0] : m[1]])]
 
     def replace(self, text: str) -> tuple[str, tuple[str, ...]]:
         """`text` with every validated match replaced, and the kinds found."""
@@ -297,17 +361,20 @@ class Detectors:
     def scan(self, rows: list[list[JsonValue]], columns: Sequence[int]) -> list[Finding]:
         """Replace findings in place in `rows` (only the given columns); return what was replaced.
 
-        A column's strings are scanned as one text joined with NUL: no pattern can match NUL, and NUL
-        is to every lookaround what the start or end of a string is, so each value's matches are the
-        ones it would have alone. JSON values and long integers are scanned one by one."""
+        A column's strings are scanned together (`_replaced_texts`); JSON values and long integers
+        one by one."""
         if not self._branches:
             return []
         findings: list[Finding] = []
         for column in columns:
             found: list[Finding] = []
             values = [row[column] for row in rows]
-            rows_of = [index for index, value in enumerate(values) if isinstance(value, str)]
-            if len(rows_of) < len(values):
+            types = set(map(type, values))  # in C: most columns hold one type, and need no loop
+            rows_of: Sequence[int] = range(len(values))
+            if types != {str}:
+                texts = any(issubclass(kind, str) for kind in types)
+                rows_of = [i for i, value in enumerate(values) if isinstance(value, str)] if texts else []
+            if len(rows_of) < len(values) and not _scalars_only(types, values):
                 for index, value in enumerate(values):
                     if isinstance(value, dict | list) or (
                         isinstance(value, int) and not isinstance(value, bool) and value >= 10**12
@@ -316,25 +383,50 @@ class Detectors:
                         if kinds:
                             found.append(Finding(index, column, kinds, value))
                             rows[index][column] = masked
+            if len(rows_of) < len(values):
                 strings: list[str] = [values[index] for index in rows_of]  # type: ignore[misc]
             else:
                 strings = values  # type: ignore[assignment]
-            starts = list(accumulate((len(value) + 1 for value in strings), initial=0))
-            matches = self._matches(_SEPARATOR.join(strings))
-            at = 0
-            while at < len(matches):
-                position = bisect_right(starts, matches[at][0]) - 1
-                end = at + 1
-                while end < len(matches) and matches[end][0] < starts[position + 1]:
-                    end += 1
-                mine = matches[at:end]
-                index, value = rows_of[position], strings[position]
-                rows[index][column] = _replaced(value, mine, starts[position])
-                kinds = (mine[0][2],) if len(mine) == 1 else tuple(dict.fromkeys(m[2] for m in mine))
-                found.append(Finding(index, column, kinds, value))
-                at = end
-            findings.extend(sorted(found, key=lambda finding: finding.row))
+            in_column: list[Finding] = []
+            for position, kinds, masked in self._replaced_texts(strings):
+                index = rows_of[position]
+                in_column.append(Finding(index, column, kinds, strings[position]))
+                rows[index][column] = masked
+            findings.extend(
+                sorted(found + in_column, key=lambda finding: finding.row) if found else in_column
+            )
         return findings
+
+    def _replaced_texts(self, strings: list[str]) -> list[tuple[int, tuple[str, ...], str]]:
+        """(position, kinds found, replaced text) of each of `strings` with findings, in order.
+
+        Equal values are scanned once (a value's matches do not depend on its neighbours), the
+        distinct ones as one text joined with NUL: no pattern can match NUL, and NUL is to every
+        lookaround what the start or end of a string is, so each value's matches are the ones it
+        would have alone."""
+        unique = list(dict.fromkeys(strings))
+        text = _SEPARATOR.join(unique)
+        matches = self._matches(text)
+        if not matches:
+            return []
+        starts = list(map(add, accumulate(map(len, unique), initial=0), range(len(unique) + 1)))
+        kinds_at: dict[int, tuple[str, ...]] = {}  # the position of each value with matches, in order
+        for match in matches:
+            position = bisect_right(starts, match[0]) - 1
+            kinds = kinds_at.get(position)
+            if kinds is None:
+                kinds_at[position] = (match[2],)
+            elif match[2] not in kinds:
+                kinds_at[position] = (*kinds, match[2])
+        replaced: list[str] | dict[int, str]
+        if text.count(_SEPARATOR) == len(unique) - 1:  # the values, replaced in one pass
+            replaced = _replaced(text, matches, 0).split(_SEPARATOR)
+        else:  # a value holds NUL itself: alone, it has the same matches
+            replaced = {position: self.replace(unique[position])[0] for position in kinds_at}
+        if len(unique) == len(strings):
+            return [(position, kinds, replaced[position]) for position, kinds in kinds_at.items()]
+        hits = {unique[position]: (kinds, replaced[position]) for position, kinds in kinds_at.items()}
+        return [(position, *hits[value]) for position, value in enumerate(strings) if value in hits]
 
     def _value(self, value: JsonValue) -> tuple[JsonValue, tuple[str, ...]]:
         """Strings, and the strings (keys too) inside JSON values."""
@@ -362,6 +454,20 @@ class Detectors:
     def text(self, text: str) -> str:
         """An error message or any other text, with findings replaced."""
         return self.replace(text)[0]
+
+
+_SCALARS = frozenset({str, type(None), bool, float})
+
+
+def _scalars_only(types: set[type], values: list[JsonValue]) -> bool:
+    """Whether a column holds no value to scan one by one (a JSON value, an integer of 13 digits or
+    more), told from the set of its types and, for ints, their largest: no loop over the values."""
+    if types <= _SCALARS:
+        return True
+    if not types <= _SCALARS | {int}:
+        return False
+    ints = values if types == {int} else [value for value in values if type(value) is int]
+    return max(ints) < 10**12  # type: ignore[type-var]
 
 
 def _replaced(text: str, matches: list[tuple[int, int, DetectorName]], offset: int) -> str:

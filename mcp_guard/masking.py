@@ -166,7 +166,7 @@ class Masking:
         if value is None:
             return None
         inner = self._inner_hash.copy()
-        inner.update(_text(value).encode())
+        inner.update((value if type(value) is str else _text(value)).encode())
         outer = self._outer_hash.copy()
         outer.update(inner.digest())
         return outer.hexdigest()[:HASH_DIGITS]
@@ -199,17 +199,21 @@ def decode_key(text: str) -> bytes:
 
 
 def _text(value: object) -> str:
+    if type(value) is str:  # most values: one type check, not an isinstance of three types
+        return value
     if isinstance(value, bytes | bytearray | memoryview):
         return "\\x" + bytes(value).hex()
     return str(value)
 
 
-_NOT_DIGIT = re.compile(r"[^0-9]")
 _NOT_ALNUM = re.compile(r"[^0-9A-Za-z]")
+_NOT_DIGIT_BYTES = bytes(byte for byte in range(256) if not 0x30 <= byte <= 0x39)
 
 
 def _digits(text: str) -> str:
-    return _NOT_DIGIT.sub("", text)
+    """The ASCII digits of `text`: its UTF-8 bytes less every byte that is not a digit (a character
+    beyond ASCII encodes to bytes >= 0x80 only), in C, a quarter of a regex substitution's time."""
+    return text.encode("utf-8", "surrogatepass").translate(None, _NOT_DIGIT_BYTES).decode("ascii")
 
 
 _IPV4_START = re.compile(r"\d+\.\d+\.\d+\.\d+")
@@ -279,6 +283,8 @@ def _sqlite_partial(kind: str) -> Callable[[object], str | None]:
     mask = _PARTIALS.get(kind, _partial_other)
 
     def partial(value: object) -> str | None:
+        if type(value) is str:  # most values: no call to _text (one call less per row)
+            return mask(value)
         return None if value is None else mask(_text(value))
 
     return partial
@@ -288,15 +294,15 @@ def _partial_function(kind: str) -> str:
     return f"{PARTIAL_FUNCTION}_{kind or 'other'}"
 
 
-# PostgreSQL: {c} is the column, {t} the column as text, {d} its digits, {n} how many digits it holds
-# (counted with translate(), several times cheaper per row than a second regexp_replace); the key
-# halves are {ki}, {ko}.
+# PostgreSQL: {c} is the column, {t} the column as text, {n} how many digits it holds (counted with
+# translate(), several times cheaper per row than regexp_replace), {d2} and {d4} its last 2 and 4
+# digits; the key halves are {ki}, {ko}.
 _PG_PARTIAL = {
     "email": "CASE WHEN {c} IS NULL THEN NULL WHEN strpos({t}, '@') > 0 "
     "THEN '***@' || split_part({t}, '@', 2) ELSE '{m}' END",
-    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 12 THEN '**** ' || right({d}, 4) ELSE '{m}' END",
-    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 7 THEN '***' || right({d}, 2) ELSE '{m}' END",
-    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 8 THEN '***-**-' || right({d}, 4) ELSE '{m}' END",
+    "card": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 12 THEN '**** ' || {d4} ELSE '{m}' END",
+    "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 7 THEN '***' || {d2} ELSE '{m}' END",
+    "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 8 THEN '***-**-' || {d4} ELSE '{m}' END",
     "iban": "CASE WHEN {c} IS NULL THEN NULL WHEN length({x}) >= 15 "
     "THEN left({x}, 2) || '** **** ' || right({x}, 4) ELSE '{m}' END",
     "ip": "CASE WHEN {c} IS NULL THEN NULL WHEN {t} ~ '^[0-9]+\\.[0-9]+\\.[0-9]+\\.[0-9]+' "
@@ -309,8 +315,8 @@ _PG_PARTIAL["national_id"] = _PG_PARTIAL["ssn"]
 _PG_PARTIAL["jwt"] = _PG_PARTIAL["secret"]
 
 _PG_HASH = (
-    "CASE WHEN {c} IS NULL THEN NULL ELSE left(encode(sha256({ko} || sha256({ki} || "
-    "convert_to({t}, 'UTF8'))), 'hex'), " + str(HASH_DIGITS) + ") END"
+    "CASE WHEN {c} IS NULL THEN NULL ELSE encode(substr(sha256({ko} || sha256({ki} || "
+    "convert_to({t}, 'UTF8'))), 1, " + str(HASH_DIGITS // 2) + "), 'hex') END"
 )
 _REDACT = "CASE WHEN {c} IS NULL THEN NULL ELSE '{m}' END"
 _SLOT = "mcp_guard_slot"
@@ -318,6 +324,15 @@ _SLOT = "mcp_guard_slot"
 
 def _is_slot(node: exp.Expression) -> bool:
     return isinstance(node, exp.Column) and node.name == _SLOT and not node.table
+
+
+def _pg_last_digits(text: str, count: int) -> str:
+    """The last `count` digits of `text`, for a text holding at least that many: its last characters
+    when they are all digits (most values), else taken from its digits, which a translate() that
+    deletes the text's own non-digits gives without a regexp_replace (several times slower)."""
+    tail = f"right({text}, {count})"
+    digits = f"translate({text}, translate({text}, '0123456789', ''), '')"
+    return f"CASE WHEN translate({tail}, '0123456789', '') = '' THEN {tail} ELSE right({digits}, {count}) END"
 
 
 @lru_cache(maxsize=256)
@@ -330,8 +345,9 @@ def _template(
         parts = {
             "c": slot,
             "t": f"CAST({slot} AS TEXT)",
-            "d": f"regexp_replace(CAST({slot} AS TEXT), '[^0-9]', '', 'g')",
             "n": f"length(CAST({slot} AS TEXT)) - length(translate(CAST({slot} AS TEXT), '0123456789', ''))",
+            "d2": _pg_last_digits(f"CAST({slot} AS TEXT)", 2),
+            "d4": _pg_last_digits(f"CAST({slot} AS TEXT)", 4),
             "x": f"upper(regexp_replace(CAST({slot} AS TEXT), '[^0-9A-Za-z]', '', 'g'))",
             "m": MARKER,
             "ki": f"CAST(${key[0]} AS BYTEA)",

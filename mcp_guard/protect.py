@@ -104,8 +104,8 @@ def protect(
         scanned.append(index)
     findings = detectors.scan(result.rows, scanned)
     kinds: dict[int, dict[str, None]] = {}
-    for finding in findings:
-        kinds.setdefault(finding.column, {}).update(dict.fromkeys(finding.kinds))
+    for column, found in dict.fromkeys((finding.column, finding.kinds) for finding in findings):
+        kinds.setdefault(column, {}).update(dict.fromkeys(found))
     notes = [
         ColumnNote(n.name, n.mask, n.sources, n.unresolved, tuple(kinds.get(i, {})), n.derived)
         for i, n in enumerate(notes)

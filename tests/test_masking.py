@@ -167,6 +167,8 @@ def test_detectors_validate_before_replacing():
     mixed = [[Text("mail ada@example.com")], [12345678901234], ["4111 1111 1111 1111"], [None]]
     found = detectors.scan(mixed, [0])
     assert [f.row for f in found] == [0, 2] and mixed[0][0] == "mail [masked:email]"
+    numbers = [[7], [4111111111111111], [None], [2.5]]  # a column of numbers: a long one is still scanned
+    assert [f.row for f in detectors.scan(numbers, [0])] == [1] and numbers[1][0] == "[masked:card]"
 
 
 def test_sealed_originals_open_only_with_the_key_and_untouched():
@@ -447,6 +449,12 @@ def test_the_fast_detectors_replace_exactly_what_the_alternation_does(enabled):
     assert [(f.row, f.kinds, f.original) for f in found] == [
         (i, reference(text)[1], text) for i, text in enumerate(texts) if reference(text)[1]
     ]
+    for start in range(0, len(texts), 40):  # small columns: most have no overlapping matches at all
+        part = texts[start : start + 40]
+        rows = [[text] for text in part]
+        found = detectors.scan(rows, [0])
+        assert [row[0] for row in rows] == [reference(text)[0] for text in part]
+        assert [f.row for f in found] == [i for i, text in enumerate(part) if reference(text)[1]]
 
 
 async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
@@ -456,6 +464,7 @@ async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
         *("123-45-6789", "１２３４５６７８９０１２", "tel 12 34 56 7", "GB82 WEST 1234 5698 7654 32"),
         *("192.168.1.20", "sk_live_abcdefghijkl", "short", "", "é" * 9, "a1b2c3d4e5f6g7h8", "99 99 999"),
         *("9999 9999 9999", "9999-9999", "999 999", "9999-999"),  # at each threshold
+        *("+1 202 555 0143 ext", "4111 1111 1111 1234.", "123-45-678 9", "1234567x8", "12345678９"),  # tails
     ]
     conn = await asyncpg.connect(pg_shop_url)
     try:
