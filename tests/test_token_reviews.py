@@ -377,3 +377,31 @@ async def test_a_stdio_server_sharing_the_store_runs_what_a_token_reviewer_appro
     assert approved.returncode == 0, approved.stderr
     assert not done.is_error, done.text  # type: ignore[attr-defined]
     assert orders_left(gateway) == 0
+
+
+@pytest.mark.parametrize(
+    ("server", "token", "message"),
+    [
+        (
+            "http://gw.example.com",
+            "x.y.z",
+            "would send your token unencrypted: use the gateway's https:// URL",
+        ),
+        ("ftp://gw.example.com", "x.y.z", "--server must be the gateway's http(s):// URL"),
+        ("http://127.0.0.1:9", "", "give --token-file FILE or set MCP_GUARD_TOKEN"),
+        ("http://127.0.0.1:9", "x.y.z", "cannot reach the gateway at http://127.0.0.1:9"),
+    ],
+)
+def test_the_reviewers_commands_refuse_a_gateway_they_cannot_use_safely(tmp_path, server, token, message):
+    arguments = [sys.executable, "-m", "mcp_guard", "pending", "--server", server]
+    if token:
+        (tmp_path / "token").write_text(token)
+        arguments += ["--token-file", str(tmp_path / "token")]
+    done = subprocess.run(
+        arguments,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "MCP_GUARD_TOKEN": "", "MCP_GUARD_HOME": str(tmp_path)},
+    )
+    assert done.returncode == 2 and message in done.stderr

@@ -18,6 +18,7 @@ import httpx2
 
 from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState, Verdict
 from mcp_guard.audit.verify import keep_latest_checkpoint
+from mcp_guard.config import is_loopback
 from mcp_guard.errors import ApprovalError, AuthenticationError, GuardError, UsageError
 from mcp_guard.identity import TokenSource
 from mcp_guard.reviewers import Reviewer, Signer, unlock
@@ -126,6 +127,11 @@ def gateway_base(url: str) -> str:
     parts = urlsplit(url.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise UsageError(f"--server must be the gateway's http(s):// URL, not {url[:80]!r}")
+    if parts.scheme == "http" and not is_loopback(parts.hostname):
+        raise UsageError(
+            f"--server {url[:80]!r} would send your token unencrypted: use the gateway's https:// URL "
+            "(plain http only to 127.0.0.1 or localhost)"
+        )
     path = parts.path.rstrip("/")
     for endpoint in ("/mcp", "/sse"):
         path = path.removesuffix(endpoint)
