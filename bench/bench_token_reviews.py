@@ -12,6 +12,11 @@ so that both see the same load:
   (what `mcp-guard approve` does after the passphrase).
 Also the reviewer's listing of pending requests both ways. The process start-up and the scrypt
 derivation are left out of both: they are per command, not per vote.
+
+Measured here (2 CPUs, a helper's benchmarks beside it): vote 10.8 ms p50 through the gateway against
+5.1 ms on the store (2.1x); listing 9.3 against 1.5 ms. Before the listening socket was made as TCP
+(server.listen: Nagle was on for accepted connections), every request on the kept-alive connection
+waited ~40 ms more: the vote was 49.9 ms (12.8x).
 """
 
 from __future__ import annotations
