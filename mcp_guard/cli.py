@@ -236,50 +236,29 @@ def cmd_check(args: argparse.Namespace) -> int:
 def _check_masking(
     config: Config, connection: str, classification: Any, groups: frozenset[str]
 ) -> list[dict[str, Any]] | None:
-    """Per statement: the masked SQL that would run and each output column's lineage and mask.
-
-    Reads the schema from the database (as the server does); None when no masking applies."""
-    from mcp_guard.backends import open_backend
-    from mcp_guard.blind_spots import blind_spot
-    from mcp_guard.catalog import Catalog
-    from mcp_guard.lineage import lineage
+    """Per statement: the masked SQL that would run and each output column's lineage and mask, from
+    the server's own masking step over the schema read from the database; None when no masking applies."""
+    from mcp_guard.backends import Backend, open_backend
     from mcp_guard.masking import Masking
-    from mcp_guard.protect import notes_for
-    from mcp_guard.rewrite import MaskPlan, rewrite
+    from mcp_guard.masking_step import MaskingStep
 
-    masking = Masking.from_settings(config.settings.masking, config.source)
-    rules = masking.rules_for(connection, groups)
-    if not rules:
-        return None
+    async def preview() -> list[dict[str, Any]] | None:
+        opened: list[Backend] = []
 
-    async def schema() -> Any:
-        backend = open_backend(config.urls[connection], pool_size=1)
-        await backend.open()
+        async def backend(name: str) -> Backend:
+            found = open_backend(config.urls[name], pool_size=1)
+            await found.open()
+            opened.append(found)
+            return found
+
+        step = MaskingStep(config, Masking.from_settings(config.settings.masking, config.source), backend)
         try:
-            return await backend.schema()
+            return await step.preview(connection, groups, classification.statements)
         finally:
-            await backend.close()
+            for found in opened:
+                await found.close()
 
-    catalog = Catalog(asyncio.run(schema()), _dialect(config, connection))
-    plan = MaskPlan(masking, rules, catalog, masking.rules_for(connection, frozenset()))
-    allowed = frozenset(f.lower() for f in config.settings.masking.allowed_functions)
-    entries: list[dict[str, Any]] = []
-    for statement in classification.statements:
-        reason = blind_spot(statement, catalog, plan.masks, allowed, 0)  # type: ignore[arg-type]
-        if reason is not None:
-            entries.append({"refused": reason})
-            continue
-        done = rewrite(statement, plan, 0)
-        outputs = lineage(statement.tree, catalog) if statement.tree is not None else None
-        names = [o.name for o in outputs] if outputs is not None else []
-        entries.append(
-            {
-                "rewritten": done.sql if done else None,
-                "columns": [note.as_dict() for note in notes_for(names, outputs, plan)],
-                "lineage": "resolved" if outputs is not None else "unresolved: every column counts as masked",
-            }
-        )
-    return entries
+    return asyncio.run(preview())
 
 
 def _print_masking(console: Console, index: int, entry: dict[str, Any]) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from typing import Any
 
 from sqlglot import exp
@@ -23,7 +24,7 @@ from mcp_guard.detectors import Detectors
 from mcp_guard.errors import ConfigError
 from mcp_guard.lineage import statement_lineage
 from mcp_guard.masking import Masking
-from mcp_guard.protect import Protected, originals_record, protect
+from mcp_guard.protect import Protected, notes_for, originals_record, protect
 from mcp_guard.rewrite import MaskPlan, Rewritten, rewrite
 from mcp_guard.seal import SealError, load_key
 from mcp_guard.values import JsonValue
@@ -83,10 +84,14 @@ class MaskingStep:
         self.config = config
         self.masking = masking
         self.detectors = Detectors(config.settings.masking.detectors)
-        self.audit_key = audit_key(config)
         self._backend = backend
         self._catalogs: dict[str, Catalog] = {}
         self._plans: dict[tuple[str, frozenset[str]], MaskPlan] = {}
+
+    @cached_property
+    def audit_key(self) -> bytes | None:
+        """Read when first needed: `mcp-guard check` previews masks without the sealing key."""
+        return audit_key(self.config)
 
     def applies(self, name: str, groups: frozenset[str]) -> bool:
         return bool(self.masking.rules_for(name, groups))
@@ -150,6 +155,34 @@ class MaskingStep:
             if reason is not None:
                 return Refusal(index, reason)
         return None
+
+    async def preview(
+        self, name: str, groups: frozenset[str], statements: Sequence[Statement]
+    ) -> list[dict[str, Any]] | None:
+        """`mcp-guard check`: per statement, why masking would refuse it, or the SQL that would run and
+        each output column's lineage and mask; every statement, not only up to the first refusal.
+        None when no rule applies to these groups on this connection."""
+        if not self.applies(name, groups):
+            return None
+        plan = await self.plan(name, groups)
+        entries: list[dict[str, Any]] = []
+        for statement in statements:
+            reason = self._blind_spot(plan, statement, 0)
+            if reason is not None:
+                entries.append({"refused": reason})
+                continue
+            done = rewrite(statement, plan, 0)
+            outputs = statement_lineage(statement, plan.catalog)
+            names = [o.name for o in outputs] if outputs is not None else []
+            resolved = "resolved" if outputs is not None else "unresolved: every column counts as masked"
+            entries.append(
+                {
+                    "rewritten": done.sql if done else None,
+                    "columns": [note.as_dict() for note in notes_for(names, outputs, plan)],
+                    "lineage": resolved,
+                }
+            )
+        return entries
 
     def _blind_spot(self, plan: MaskPlan, statement: Statement, params: int) -> str | None:
         allowed = frozenset(f.lower() for f in self.config.settings.masking.allowed_functions)
