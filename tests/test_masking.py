@@ -373,6 +373,21 @@ def test_check_shows_the_masked_sql_and_each_columns_lineage(tmp_path, sqlite_sh
     assert refused.returncode == 1 and "masking refuses" in refused.stdout
 
 
+def test_check_previews_masks_without_the_key_that_seals_originals(tmp_path, sqlite_shop):
+    """The operator checking a statement need not hold the auditors' key."""
+    config = _config(tmp_path, sqlite_shop)
+    config.write_text(config.read_text().replace("[masking]\n", '[masking]\noriginals = "sealed"\n'))
+    done = subprocess.run(
+        [sys.executable, "-m", "mcp_guard", "check", "SELECT email FROM customers", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={"TEST_MASK_KEY": KEY, "PATH": ""},
+    )
+    assert done.returncode == 0, done.stderr
+    assert "MCP_GUARD_PARTIAL" in done.stdout and "email" in done.stdout
+
+
 async def test_audit_stats_count_the_cells_the_assistant_saw_masked(tmp_path):
     async with guard_client(None, tmp_path) as client:
         reply = await client.call("query", sql="SELECT email, phone FROM customers ORDER BY id LIMIT 3")
