@@ -59,6 +59,8 @@ _NEXT: dict[ApprovalState, frozenset[ApprovalState]] = {
     ApprovalState.EXPIRED: frozenset(),
     ApprovalState.EXECUTED: frozenset(),
 }
+DECIDED = (ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED)
+"""Every state past waiting: what "recent decisions" list."""
 _FINAL_BECAUSE = {
     ApprovalState.PENDING: "",
     ApprovalState.APPROVED: "an approved request can only run or expire",

@@ -24,7 +24,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState, json_strings
+from mcp_guard.approvals import DECIDED, Actor, ApprovalRequest, Approvals, ApprovalState, json_strings
 from mcp_guard.config import Config
 from mcp_guard.errors import ApprovalError, AuditError, ConfigError, UsageError
 from mcp_guard.identity import Identity, token_fingerprint
@@ -43,7 +43,7 @@ MAX_WAIT_S = 30.0
 MAX_LIMIT = 500
 _STATES = {
     "pending": [ApprovalState.PENDING],
-    "decided": [ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED],
+    "decided": DECIDED,
     "all": None,
 }
 
@@ -116,8 +116,8 @@ class ReviewApi:
             limit = _number(request.query_params.get("limit", "100"), "limit", 1, MAX_LIMIT)
             actor = self._actor(identity, token)
             found = await self.approvals.listing(actor, _STATES[state], limit=MAX_LIMIT)
-            shown: list[JsonValue] = [self._shown(r, identity) for r in found if _visible(r, identity)]
-            del shown[int(limit) :]
+            visible = [r for r in found if _visible(r, identity)][: int(limit)]
+            shown: list[JsonValue] = [self._shown(r, identity) for r in visible]
             return {"reviewer": self._whoami(identity), "requests": shown}
 
         return await self._answer(request, act)

@@ -24,10 +24,10 @@ from textual.containers import Vertical, VerticalScroll
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
-from mcp_guard.approvals import ApprovalRequest, ApprovalState, Verdict
+from mcp_guard.approvals import DECIDED, ApprovalRequest, ApprovalState, Verdict
 from mcp_guard.errors import GuardError
 from mcp_guard.review import describe
-from mcp_guard.review.desk import DECIDED, ReviewDesk
+from mcp_guard.review.desk import ReviewDesk
 
 RECENT = 10
 REFRESH_S = 1.0

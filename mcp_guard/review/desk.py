@@ -16,15 +16,13 @@ from urllib.parse import quote, urlsplit, urlunsplit
 
 import httpx2
 
-from mcp_guard.approvals import Actor, ApprovalRequest, Approvals, ApprovalState, Verdict
+from mcp_guard.approvals import DECIDED, Actor, ApprovalRequest, Approvals, ApprovalState, Verdict
 from mcp_guard.audit.verify import keep_latest_checkpoint
 from mcp_guard.config import is_loopback
 from mcp_guard.errors import ApprovalError, AuthenticationError, GuardError, UsageError
 from mcp_guard.identity import TokenSource
 from mcp_guard.reviewers import Reviewer, Signer, unlock
 from mcp_guard.store.base import ChangeWatch
-
-DECIDED = (ApprovalState.APPROVED, ApprovalState.DENIED, ApprovalState.EXPIRED, ApprovalState.EXECUTED)
 
 
 class ReviewDesk(ABC):
