@@ -30,7 +30,7 @@ from typing import Any, Literal
 
 from mcp_guard.errors import ApprovalError, ApprovalExpired
 from mcp_guard.policy import Hold, Requirement
-from mcp_guard.reviewers import ProofVerifier, Reviewer, Signer
+from mcp_guard.reviewers import ProofVerifier, Reviewer, Signer, canonical_json
 from mcp_guard.store.base import AuditEvent, AuditFilter, EventType, Store, utc_now
 from mcp_guard.values import JsonScalar, JsonValue
 
@@ -164,51 +164,33 @@ class ApprovalRequest:
     @classmethod
     def from_row(cls, row: Sequence[Any], votes: tuple[Vote, ...]) -> ApprovalRequest:
         """A request as both stores keep it: their row layout, the body as JSON; damage refuses to run."""
-        (
-            request_id,
-            call_id,
-            session_id,
-            requester,
-            connection,
-            digest,
-            state,
-            created_at,
-            expires_at,
-            decided_at,
-            executed_at,
-            executed_by,
-            body,
-            outcome,
-        ) = row
+        fields = dict(zip(_ROW, row, strict=True))
         try:
-            fields = cls.body_fields(json.loads(body))
-            return cls(
-                id=request_id,
-                call_id=call_id,
-                session_id=session_id,
-                requester=requester,
-                connection=connection,
-                digest=digest,
-                state=ApprovalState(state),
-                created_at=created_at,
-                expires_at=expires_at,
-                decided_at=decided_at,
-                executed_at=executed_at,
-                executed_by=executed_by,
-                outcome=json.loads(outcome) if outcome else None,
-                votes=votes,
-                **fields,
-            )
+            fields["body"] = json.loads(fields["body"])
+            fields["outcome"] = json.loads(fields["outcome"]) if fields["outcome"] else None
+        except (ValueError, TypeError) as exc:
+            raise ApprovalError(
+                f"approval request {fields['id']}: its stored record is damaged ({exc}); it will not run"
+            ) from exc
+        return cls._from_fields(fields, votes)
+
+    @classmethod
+    def _from_fields(cls, fields: dict[str, Any], votes: tuple[Vote, ...]) -> ApprovalRequest:
+        """The request from its `_ROW` fields, body and outcome already parsed; damage refuses to run."""
+        try:
+            named = {name: value for name, value in fields.items() if name != "body"}
+            named["state"] = ApprovalState(named["state"])
+            return cls(**named, votes=votes, **cls.body_fields(fields["body"]))
         except (ValueError, KeyError, TypeError) as exc:
             raise ApprovalError(
-                f"approval request {request_id}: its stored record is damaged ({exc}); it will not run"
+                f"approval request {fields.get('id')}: its stored record is damaged ({exc}); it will not run"
             ) from exc
 
     def to_wire(self) -> dict[str, JsonValue]:
         """Everything about the request, votes and their proofs included, as JSON (a gateway's API)."""
-        row: dict[str, JsonValue] = dict(zip(_ROW, self._row(), strict=True))
-        row["body"], row["outcome"] = self.body(), self.outcome
-        row["votes"] = [
+        wire: dict[str, JsonValue] = {name: getattr(self, name) for name in _ROW if name != "body"}
+        wire["state"], wire["body"] = str(self.state), self.body()
+        wire["votes"] = [
             {
                 "reviewer": v.reviewer,
                 "decision": v.decision,
@@ -219,7 +201,7 @@ class ApprovalRequest:
             }
             for v in self.votes
         ]
-        return row
+        return wire
 
     @classmethod
     def from_wire(cls, wire: dict[str, Any]) -> ApprovalRequest:
@@ -237,30 +219,10 @@ class ApprovalRequest:
                 )
                 for v in wire["votes"]
             )
-            row = [wire[name] for name in _ROW]
-            outcome = wire["outcome"]
-            row[-2:] = [json.dumps(wire["body"]), None if outcome is None else json.dumps(outcome)]
+            fields = {name: wire[name] for name in _ROW}
         except (KeyError, TypeError, AttributeError) as exc:
             raise ApprovalError(f"the approval request received is incomplete ({exc})") from None
-        return cls.from_row(row, votes)
-
-    def _row(self) -> tuple[Any, ...]:
-        return (
-            self.id,
-            self.call_id,
-            self.session_id,
-            self.requester,
-            self.connection,
-            self.digest,
-            str(self.state),
-            self.created_at,
-            self.expires_at,
-            self.decided_at,
-            self.executed_at,
-            self.executed_by,
-            json.dumps(self.body(), ensure_ascii=False),
-            json.dumps(self.outcome, ensure_ascii=False) if self.outcome is not None else None,
-        )
+        return cls._from_fields(fields, votes)
 
     def expired(self, now: str | None = None) -> bool:
         return (now or utc_now()) >= self.expires_at
@@ -295,10 +257,6 @@ def json_strings(items: Iterable[str]) -> list[JsonValue]:
     return list(items)
 
 
-def _canonical(value: object) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
-
-
 def binding_digest(
     connection: str, statements: Sequence[str], params: Sequence[JsonScalar], requester: str
 ) -> str:
@@ -310,12 +268,12 @@ def binding_digest(
         "params": list(params),
         "requester": requester,
     }
-    return hashlib.sha256(_BINDING_DOMAIN + _canonical(bound)).hexdigest()
+    return hashlib.sha256(_BINDING_DOMAIN + canonical_json(bound)).hexdigest()
 
 
 def vote_payload(request: ApprovalRequest, reviewer: str, decision: Verdict, reason: str, ts: str) -> bytes:
     """The bytes a reviewer signs: the request's identity, binding and expiry, and the decision."""
-    return _canonical(
+    return canonical_json(
         {
             "request_id": request.id,
             "digest": binding_digest(

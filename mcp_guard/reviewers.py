@@ -166,7 +166,8 @@ def unlock(reviewer: Reviewer, passphrase: str) -> KeySigner:
         raise ApprovalError(f"wrong passphrase for reviewer {reviewer.name!r}") from None
 
 
-def _canonical(value: object) -> bytes:
+def canonical_json(value: object) -> bytes:
+    """The one byte form of a JSON value that a signature or a digest covers."""
     return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
@@ -178,7 +179,7 @@ class GatewaySigner(Signer):
         """`vouched`: what the gateway saw besides subject and groups (issuer, token fingerprint)."""
         self.reviewer = reviewer
         self._gateway = gateway
-        self._vouched = _canonical(
+        self._vouched = canonical_json(
             {**vouched, "subject": reviewer.subject, "groups": sorted(reviewer.groups)}
         )
 
