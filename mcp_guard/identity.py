@@ -9,6 +9,7 @@ allow-list, never from the token alone, so `alg: none` and HMAC signed with a pu
 
 from __future__ import annotations
 
+import copy
 import getpass
 import hashlib
 import os
@@ -131,6 +132,13 @@ class OidcVerifier:
 
     async def aclose(self) -> None:
         await self.keys.aclose()
+
+    def for_audience(self, audience: str) -> OidcVerifier:
+        """The same issuer and the same cached key set, for tokens issued to another audience (the
+        reviewers' client): one key fetch and one rotation serve both; closing either closes the set."""
+        other = copy.copy(self)
+        other.settings = self.settings.model_copy(update={"audience": audience})
+        return other
 
     async def verify(self, token: str) -> Identity:
         """The identity a token vouches for; AuthenticationError with the reason otherwise."""

@@ -560,8 +560,6 @@ async def serve_http(
         for signum in (signal.SIGINT, signal.SIGTERM):
             loop.remove_signal_handler(signum)
         await sessions.close("the server stopped")
-        if reviewers is not None and reviewers is not verifier:
-            await reviewers.aclose()
 
 
 def _reviewers_verifier(guard: Guard, verifier: OidcVerifier) -> OidcVerifier | None:
@@ -569,9 +567,7 @@ def _reviewers_verifier(guard: Guard, verifier: OidcVerifier) -> OidcVerifier | 
     settings = guard.config.settings.approvals
     if not settings.token_reviewers:
         return None
-    if settings.token_audience is None:
-        return verifier
-    return OidcVerifier(verifier.settings.model_copy(update={"audience": settings.token_audience}))
+    return verifier if settings.token_audience is None else verifier.for_audience(settings.token_audience)
 
 
 class _HttpServer(uvicorn.Server):

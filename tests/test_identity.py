@@ -284,3 +284,19 @@ def test_oidc_keys_belong_to_oidc_mode(tmp_path, identity, message):
     path.write_text(f'[identity]\n{identity}\n[connections.db]\nurl = "sqlite:////tmp/x.db"\n')
     with pytest.raises(ConfigError, match=message):
         load_config(path)
+
+
+async def test_a_verifier_for_another_audience_shares_the_key_set(local_idp):
+    callers = OidcVerifier(oidc(local_idp))
+    reviewers = callers.for_audience("mcp-guard-review")
+    try:
+        await callers.verify(local_idp.token("alice"))
+        hits = local_idp.jwks_hits
+        reviewer = await reviewers.verify(local_idp.token("bob", ["dba"], aud="mcp-guard-review"))
+        with pytest.raises(AuthenticationError, match="does not include 'mcp-guard-review'"):
+            await reviewers.verify(local_idp.token("alice"))
+        assert (await callers.verify(local_idp.token("alice"))).subject == "alice"
+    finally:
+        await callers.aclose()
+    assert reviewer.subject == "bob" and reviewers.keys is callers.keys
+    assert local_idp.jwks_hits == hits  # the key set fetched for the callers served the reviewers
