@@ -454,3 +454,26 @@ async def test_a_watch_hears_a_change_made_through_another_store(store_url: str,
     found = await store.get_approval("req-1")
     assert found is not None and found.state is ApprovalState.DENIED
     assert heard < 1.0
+
+
+async def test_a_watch_starts_from_now_even_when_another_watch_is_already_waiting(
+    store_url: str, store: Store
+) -> None:
+    """A change committed before a watch began is not news to it (a reviewer's long poll that
+    answered "changed" for it would re-list for nothing), but still wakes the watch that was waiting."""
+    await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
+    other = await opened(store_url)
+    try:
+        async with store.watch_approvals() as earlier:
+            assert await other.transition_approval(
+                "req-1",
+                ApprovalState.PENDING,
+                ApprovalState.DENIED,
+                step("req-1", EventType.APPROVAL_DENIED),
+                {"decided_at": "2026-11-01T10:02:00+00:00"},
+            )
+            async with store.watch_approvals() as later:
+                assert not await later.wait(0.5)
+            assert await earlier.wait(1)
+    finally:
+        await other.close()

@@ -235,6 +235,10 @@ class SignalledWatch(ChangeWatch):
     def signal(self) -> None:
         self._changed.set()
 
+    def reset(self) -> None:
+        """Forget signals so far: they came before the watcher's next read."""
+        self._changed.clear()
+
     async def wait(self, timeout: float) -> bool:
         try:
             async with asyncio.timeout(max(timeout, 0.0)):

@@ -299,7 +299,13 @@ class SqliteApprovals:
             if self._poller is None:
                 self._baseline = asyncio.Event()
                 self._poller = asyncio.get_running_loop().create_task(self._poll(self._baseline))
-            await self._baseline.wait()
+                await self._baseline.wait()
+            else:
+                # commits since the running poller's last poll are owed to the watches already
+                # waiting; what they signal now precedes this watch's caller's next read
+                await self._baseline.wait()
+                self._saw(await self._data_version())
+            watch.reset()
             yield watch
         finally:
             self._watches.discard(watch)
@@ -315,10 +321,7 @@ class SqliteApprovals:
                 await asyncio.sleep(POLL_S)
                 if not self._watches:
                     return
-                version = await self._data_version()
-                if version != self._version:
-                    self._version = version
-                    self._signal()
+                self._saw(await self._data_version())
         except AuditError as error:  # the waiters fall back to their own time-outs
             log.warning("stopped watching approvals: %s", error)
         finally:
@@ -332,6 +335,11 @@ class SqliteApprovals:
         except sqlite3.Error as exc:
             raise self._error("cannot watch it", exc) from exc
         return int(rows[0][0])
+
+    def _saw(self, version: int) -> None:
+        if version != self._version:
+            self._version = version
+            self._signal()
 
     def _signal(self) -> None:
         for watch in self._watches:
