@@ -35,7 +35,7 @@ from mcp_types import CallToolResult, TextContent, ToolAnnotations
 from pydantic import ConfigDict, Field
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from mcp_guard import __version__, stdio
+from mcp_guard import __version__, heap, stdio
 from mcp_guard.config import is_loopback
 from mcp_guard.errors import AuditError, AuthenticationError, UsageError
 from mcp_guard.guard import CallContext, Guard
@@ -339,6 +339,7 @@ async def serve_stdio(guard: Guard, caller: Caller) -> bool:
     on stdin, which nothing can interrupt: the caller should leave the process."""
     server, sessions = build_server(guard, caller, "stdio")
     await sessions.check_caller()
+    heap.settle()
     serving = asyncio.ensure_future(_run_stdio(server))
     signalled = asyncio.Event()
     loop = asyncio.get_running_loop()
@@ -553,6 +554,7 @@ async def serve_http(
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, http.stop)
+    heap.settle()
     print(f"mcp-guard: serving {transport} at {base}{path}, resource {resource}", file=sys.stderr, flush=True)
     try:
         await http.serve(sockets=[listener])
