@@ -40,17 +40,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
+import os
 import sqlite3
 import statistics
 import sys
 import tempfile
 import time
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import asyncpg
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from mcp_guard import heap  # noqa: E402
 from mcp_guard.backends.base import DbSchema, Relation  # noqa: E402
 from mcp_guard.catalog import Catalog  # noqa: E402
 from mcp_guard.classify import classify  # noqa: E402
@@ -198,9 +202,11 @@ async def start_guard(
 async def guarded(
     connection: dict[str, object], table: str, n: int, home: Path
 ) -> tuple[list[float], list[float]]:
-    """Times of the read unmasked and masked, the two sampled in turn so that both see the same load."""
+    """Times of the read unmasked and masked in this process (the guard alone, as the server runs it:
+    its heap settled after start), the two sampled in turn so that both see the same load."""
     plain = await start_guard(connection, MaskingSettings(detectors=()), home, "plain.db")
     masked = await start_guard(connection, RULES, home, "masked.db")
+    heap.settle()
     ctx = CallContext(local_identity(), "bench")
     sql = READ.format(table=table)
     samples: dict[Guard, list[float]] = {plain: [], masked: []}
@@ -220,9 +226,75 @@ async def guarded(
     return samples[plain], samples[masked]
 
 
-async def bench_reads(url: str, n: int) -> None:
-    import os
+def _toml(masking: MaskingSettings) -> str:
+    rules = "".join(
+        f"[[masking.rules]]\nname = {json.dumps(r.name)}\ncolumns = {json.dumps(list(r.columns))}\n"
+        f"strategy = {json.dumps(r.strategy)}\n"
+        for r in masking.rules
+    )
+    return (
+        f"[masking]\ndetectors = {json.dumps(list(masking.detectors))}\n"
+        f"detector_exclude = {json.dumps(list(masking.detector_exclude))}\n{rules}"
+    )
 
+
+async def through_mcp(
+    connection: dict[str, object], table: str, n: int, home: Path
+) -> tuple[list[float], list[float]]:
+    """Times of the read unmasked and masked end to end: the `mcp` client's `query` call to a server
+    over stdio, and back with the result (two servers, one per configuration, called in turn)."""
+    from mcp.client.session import ClientSession
+    from mcp.client.stdio import StdioServerParameters, stdio_client
+
+    where = "".join(f"{key} = {json.dumps(value)}\n" for key, value in connection.items())
+    sql = READ.format(table=table)
+    samples: tuple[list[float], list[float]] = ([], [])
+    async with AsyncExitStack() as stack:
+        sessions = []
+        for name, masking in (("plain", MaskingSettings(detectors=())), ("masked", RULES)):
+            config = home / f"{name}.toml"
+            config.write_text(
+                f'[audit]\nurl = "sqlite:///{home / f"{name}-mcp.db"}"\nresponse_cap = 1000\n'
+                f"[connections.db]\n{where}row_limit = {ROWS}\nbyte_limit = 100000000\ntimeout = 60\n"
+                + _toml(masking)
+            )
+            server = StdioServerParameters(
+                command=sys.executable,
+                args=["-m", "mcp_guard", "serve", "--config", str(config)],
+                env={**os.environ, "MCP_GUARD_HOME": str(home)},
+            )
+            read, write = await stack.enter_async_context(stdio_client(server))
+            session = await stack.enter_async_context(ClientSession(read, write))
+            await session.initialize()
+            sessions.append(session)
+        for round_ in range(-3, n):
+            for session, into in zip(sessions, samples, strict=True):
+                start = time.perf_counter()
+                result = await session.call_tool("query", {"connection": "db", "sql": sql})
+                elapsed = (time.perf_counter() - start) * 1e3
+                assert not result.is_error, result.content
+                if round_ < 0:  # the masked server masks, the other does not
+                    text = result.content[0].text  # type: ignore[union-attr]
+                    masked = into is samples[1]
+                    assert ("user2@example.com" in text) is not masked, text[:500]
+                    assert ("[masked:email]" in text) is masked, text[:500]
+                if round_ >= 0:
+                    into.append(elapsed)
+    return samples
+
+
+def report(label: str, how: str, plains: list[float], maskeds: list[float]) -> None:
+    plain, masked = p50(plains), p50(maskeds)
+    ratio = masked / plain
+    verdict = "ok" if ratio < 1.5 else "OVER"
+    print(
+        f"{label}, {how}: {ROWS:,} rows x 8 columns: unmasked p50 {plain:.1f} ms, masked (3 columns,"
+        f" detectors on notes) p50 {masked:.1f} ms: ratio {ratio:.2f} (target < 1.5: {verdict});"
+        f" fastest {min(plains):.1f} and {min(maskeds):.1f} ms: {min(maskeds) / min(plains):.2f}"
+    )
+
+
+async def bench_reads(url: str, n: int) -> None:
     os.environ["MCP_GUARD_BENCH_URL"] = url
     await prepare_pg(url)
     with tempfile.TemporaryDirectory() as tmp:
@@ -233,16 +305,8 @@ async def bench_reads(url: str, n: int) -> None:
             ("SQLite", {"url": f"sqlite:///{home / 'bench.db'}"}, "people"),
         )
         for label, connection, table in engines:
-            plains, maskeds = await guarded(connection, table, n, home)
-            plain, masked = p50(plains), p50(maskeds)
-            ratio = masked / plain
-            verdict = "ok" if ratio < 1.5 else "OVER"
-            print(
-                f"{label}: {ROWS:,} rows x 8 columns: unmasked p50 {plain:.1f} ms, masked"
-                " (3 columns, detectors on"
-                f" notes) p50 {masked:.1f} ms: ratio {ratio:.2f} (target < 1.5: {verdict});"
-                f" fastest {min(plains):.1f} and {min(maskeds):.1f} ms: {min(maskeds) / min(plains):.2f}"
-            )
+            report(label, "end to end (mcp client, stdio)", *await through_mcp(connection, table, n, home))
+            report(label, "the guard alone (in process)", *await guarded(connection, table, n, home))
     conn = await asyncpg.connect(url)
     await conn.execute(f"DROP SCHEMA IF EXISTS {SCHEMA} CASCADE")
     await conn.close()
