@@ -137,6 +137,54 @@ def test_the_masked_form_is_the_one_built_without_the_cache():
     assert done.sql.count("FROM customers)") == 2
 
 
+@pytest.mark.parametrize(
+    "bug",
+    [
+        pytest.param(lambda sql: sql + "; DELETE FROM orders", id="a second statement"),
+        pytest.param(lambda sql: sql.replace("JOIN orders", "JOIN api_keys"), id="another table"),
+        pytest.param(lambda sql: sql.replace(" WHERE ", " FOR UPDATE WHERE "), id="a risk added"),
+        pytest.param(lambda sql: re.sub(r"mcp_guard_masked_\w+", "customers", sql), id="a placeholder lost"),
+    ],
+)
+def test_a_generator_bug_in_the_statement_is_refused(monkeypatch, bug):
+    """The statement as regenerated (masked tables as placeholders) must read as the original."""
+    import mcp_guard.rewrite as rewriting
+    from mcp_guard.errors import PolicyDenied
+
+    plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
+    statement = classify(
+        "SELECT c.email, o.total FROM customers c JOIN orders o ON o.customer_id = c.id WHERE o.id = 1",
+        "postgres",
+    ).statements[0]
+    real = rewriting._check_regenerated
+    monkeypatch.setattr(rewriting, "_check_regenerated", lambda o, sql, *rest: real(o, bug(sql), *rest))
+    with pytest.raises(PolicyDenied, match="did not classify as the same single read"):
+        rewrite(statement, plan, 0)
+
+
+@pytest.mark.parametrize(
+    "derived",
+    [
+        pytest.param("SELECT secret AS email FROM api_keys", id="another table"),
+        pytest.param("SELECT email FROM customers FOR UPDATE", id="a risk added"),
+        pytest.param("DELETE FROM customers RETURNING email", id="not a read"),
+        pytest.param("SELECT email FROM customers) AS x, (SELECT 1", id="not one table expression"),
+    ],
+)
+def test_a_generator_bug_in_a_derived_table_is_refused(monkeypatch, derived):
+    """Each derived table's text must read, alone, exactly its relation, with no risk of its own."""
+    import mcp_guard.rewrite as rewriting
+    from mcp_guard.errors import PolicyDenied
+
+    plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
+    statement = classify("SELECT c.email FROM customers c", "postgres").statements[0]
+    real = rewriting._check_regenerated
+    broken = lambda o, sql, tables, p: real(o, sql, {slot: f"({derived})" for slot in tables}, p)  # noqa: E731
+    monkeypatch.setattr(rewriting, "_check_regenerated", broken)
+    with pytest.raises(PolicyDenied, match="did not classify as the same single read"):
+        rewrite(statement, plan, 0)
+
+
 def test_semantic_types_come_from_column_names():
     assert semantic_type("contact_email") == "email" and semantic_type("card_number") == "card"
     assert (
