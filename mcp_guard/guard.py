@@ -110,6 +110,20 @@ def _recordable(value: object) -> JsonValue:
     return json.loads(encoded)  # type: ignore[no-any-return]
 
 
+_ENCODER = json.JSONEncoder(ensure_ascii=False)
+
+
+def _json_fits(value: JsonValue, cap: int) -> bool:
+    """Whether `value` as JSON holds at most `cap` characters, encoding no more of it than that: a
+    10,000-row result is not encoded whole to learn that it is over the audit's response cap."""
+    size = 0
+    for chunk in _ENCODER.iterencode(value):
+        size += len(chunk)
+        if size > cap:
+            return False
+    return True
+
+
 def _dialect(url: str) -> str:
     return "sqlite" if url.startswith("sqlite:") else "postgres"
 
@@ -356,7 +370,7 @@ class Guard:
         }
         if result.structured is not None:
             # the structured content the model was sent too, whole or not at all (a cut JSON is no record)
-            if len(json.dumps(result.structured, ensure_ascii=False)) <= cap:
+            if _json_fits(result.structured, cap):
                 response["structured"] = result.structured
             else:
                 response["structured_omitted"] = True

@@ -6,8 +6,9 @@ import datetime as dt
 import ipaddress
 import math
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from decimal import Decimal
+from itertools import chain
 from typing import Any, TypeAlias
 
 JsonScalar: TypeAlias = None | bool | int | float | str
@@ -47,6 +48,14 @@ def converter_for(kind: type) -> Callable[[Any], JsonValue] | None:
     For drivers that know a column's type before its values: one lookup per column, not per value.
     """
     return None if kind in _AS_IS else _BY_TYPE.get(kind, to_json_value)
+
+
+def json_rows(rows: Sequence[Sequence[object]]) -> list[list[JsonValue]]:
+    """Driver rows → JSON rows; the values' types read in C first, so that rows holding only JSON
+    scalars (most SQLite results) are copied, not converted a value at a time."""
+    if _AS_IS.issuperset(map(type, chain.from_iterable(rows))):
+        return [list(row) for row in rows]
+    return [[to_json_value(value) for value in row] for row in rows]
 
 
 def iso_duration(delta: dt.timedelta) -> str:

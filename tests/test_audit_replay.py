@@ -221,3 +221,27 @@ def test_a_record_without_a_known_type_is_shown_in_the_trail(tmp_path):
     )
     assert [t["type"] for t in call.as_dict()["trail"]] == ["tool_use"]
     assert call.as_dict()["trail"][0]["detail"] == {"approver": "bob"}
+
+
+def test_the_structured_response_is_kept_whole_up_to_the_cap_and_omitted_beyond(
+    tmp_path, monkeypatch, capsys
+):
+    """`response_cap` bounds what the audit keeps of a response: structured content whole or not at
+    all, decided at the exact size (the cap counts characters of its JSON)."""
+    shop = tmp_path / "shop.db"
+    create_demo_database(shop)
+    small = ("query", {"sql": "SELECT id, name FROM customers WHERE id = 1"})
+    [probe] = record(shop_config(tmp_path, shop), tmp_path, [small])
+    size = len(json.dumps(probe.structured, ensure_ascii=False))
+    monkeypatch.setenv("MCP_GUARD_HOME", str(tmp_path))
+    kept = []
+    for cap in (size, size - 1):
+        home = tmp_path / f"cap-{cap}"
+        home.mkdir()
+        config = shop_config(home, shop, audit=f"response_cap = {cap}")
+        monkeypatch.setenv("MCP_GUARD_CONFIG", str(config))
+        received, _ = record(config, home, [small, ("query", {"sql": "SELECT * FROM orders"})])
+        calls = audit_json(capsys, "replay", "latest")["calls"]
+        kept.append([("structured" in c["response"], c["response"].get("structured_omitted")) for c in calls])
+        assert calls[0]["response"].get("structured", received.structured) == received.structured
+    assert kept == [[(True, None), (False, True)], [(False, True), (False, True)]]

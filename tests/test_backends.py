@@ -481,6 +481,16 @@ async def test_sqlite_values_come_out_json_safe(lite: SqliteBackend) -> None:
     assert [c.type for c in result.columns] == ["integer", "real", "text", "blob", "", "real"]
 
 
+async def test_sqlite_rows_of_plain_values_and_a_late_blob_come_out_json_safe(lite: SqliteBackend) -> None:
+    """Rows holding only JSON scalars are copied; one value needing a conversion, however late,
+    has it."""
+    sql = "SELECT column1, column2 FROM (VALUES (1, 'a'), (2, NULL), (3, x'0a'), (4, 2.5))"
+    [result] = await lite.read([sql], [], Limits())
+    assert result.rows == [[1, "a"], [2, None], [3, "\\x0a"], [4, 2.5]]
+    [plain] = await lite.read(["SELECT 1, 'x', NULL"], [], Limits())
+    assert plain.rows == [[1, "x", None]] and type(plain.rows[0]) is list
+
+
 async def test_sqlite_row_and_byte_caps(lite: SqliteBackend) -> None:
     [by_rows] = await lite.read(["SELECT * FROM items"], [], Limits(row_limit=5))
     assert (by_rows.row_count, by_rows.truncated_by) == (5, "rows")

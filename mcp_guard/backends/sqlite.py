@@ -41,7 +41,7 @@ from mcp_guard.backends.base import (
 )
 from mcp_guard.classify import Statement
 from mcp_guard.errors import BackendError, StatementTimeout, UsageError
-from mcp_guard.values import JsonScalar, JsonValue, to_json_value
+from mcp_guard.values import JsonScalar, json_rows
 
 _PROGRESS_STEPS = 10_000
 """Virtual machine instructions between two deadline checks: well under a millisecond."""
@@ -393,7 +393,7 @@ def _counting_query(statement: Statement) -> str | None:
 
 
 def _result_set(description: Any, rows: list[tuple[Any, ...]], limits: Limits) -> ResultSet:
-    converted: list[list[JsonValue]] = [[to_json_value(value) for value in row] for row in rows]
+    converted = json_rows(rows)
     names = [entry[0] for entry in description or ()]
     columns = tuple(Column(name, _storage_class(rows, index)) for index, name in enumerate(names))
     return ResultSet.capped(columns, converted, limits)
