@@ -23,7 +23,14 @@ from rich.markup import escape
 from rich.table import Table
 
 from mcp_guard.classify import StatementKind, classify
-from mcp_guard.config import Config, config_path_from_env, demo_config, guard_home, load_config
+from mcp_guard.config import (
+    Config,
+    command_line_url,
+    config_path_from_env,
+    demo_config,
+    guard_home,
+    load_config,
+)
 from mcp_guard.errors import ConfigError, GuardError, UsageError
 from mcp_guard.policy import decide, needs_estimate
 
@@ -540,7 +547,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     def with_store_url(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
         with_config(p)
-        p.add_argument("--store", help="audit store URL (default: from the configuration)")
+        p.add_argument(
+            "--store", type=command_line_url, help="audit store URL (default: from the configuration)"
+        )
         return p
 
     def at_gateway(p: argparse.ArgumentParser) -> argparse.ArgumentParser:

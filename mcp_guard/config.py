@@ -7,13 +7,14 @@ URL, which has no credential, may be written inline.
 
 from __future__ import annotations
 
+import argparse
 import os
 import tomllib
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import parse_qs, urlsplit
 
 import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -195,6 +196,20 @@ _OIDC_ONLY = (
     "token_file",
     "resource_url",
 )
+
+
+def command_line_url(text: str) -> str:
+    """An audit store URL given as a command-line argument, where every user of the machine can read
+    it (`ps`, shell history): refused when it holds a password."""
+    if "://" in text:
+        parts = urlsplit(text)
+        if parts.password or "password" in parse_qs(parts.query):
+            raise argparse.ArgumentTypeError(
+                "this URL holds a password, which every user of this machine could read on the command "
+                "line; leave it out and set PGPASSWORD or use ~/.pgpass (PostgreSQL reads either), or "
+                "name the store in the configuration (url_env, url_file)"
+            )
+    return text
 
 
 def is_loopback(host: str | None) -> bool:

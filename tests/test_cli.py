@@ -7,6 +7,8 @@ import sqlite3
 import subprocess
 import sys
 
+import pytest
+
 from mcp_guard.cli import main
 from tests.client import guard_client
 from tests.conftest import write_config
@@ -67,6 +69,25 @@ def test_unknown_connection_is_a_usage_error(tmp_path):
     done = run("check", "--connection", "nope", "SELECT 1", home=tmp_path)
     assert done.returncode == 2
     assert done.stderr.strip() == "mcp-guard: no connection named 'nope'; known: shop"
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["audit", "list", "--store", "postgresql://auditor:hunter2@db.example/audit"],
+        ["audit", "verify", "--store", "postgresql://auditor@db.example/audit?password=hunter2"],
+        ["store", "copy", "--from", "postgresql://auditor:hunter2@db.example/audit"],
+        ["store", "migrate", "--store", "postgresql://auditor:hunter2@db.example/audit"],
+    ],
+)
+def test_a_store_url_with_a_password_on_the_command_line_is_refused(args, capsys):
+    """Every user of the machine reads a process's arguments (`ps`): the password is refused before
+    anything connects, and the error does not print it again."""
+    with pytest.raises(SystemExit) as exit:
+        main(args)
+    err = capsys.readouterr().err
+    assert exit.value.code == 2 and "holds a password" in err and "PGPASSWORD" in err
+    assert "hunter2" not in err
 
 
 def test_the_demo_plays_a_session_and_exits_0(tmp_path):

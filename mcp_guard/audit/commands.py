@@ -22,7 +22,13 @@ from rich.table import Table
 from rich.text import Text
 
 from mcp_guard.audit.render import safe
-from mcp_guard.config import AuditSettings, audit_locations, config_path_from_env, read_settings
+from mcp_guard.config import (
+    AuditSettings,
+    audit_locations,
+    command_line_url,
+    config_path_from_env,
+    read_settings,
+)
 from mcp_guard.errors import AuditError, UsageError
 from mcp_guard.store.base import CallFilter, Store
 
@@ -583,7 +589,9 @@ def _with_store(parser: argparse.ArgumentParser, *, json_flag: bool = True) -> a
     parser.add_argument(
         "--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG); only [audit] is read"
     )
-    parser.add_argument("--store", help="audit store URL (default: from the configuration)")
+    parser.add_argument(
+        "--store", type=command_line_url, help="audit store URL (default: from the configuration)"
+    )
     if json_flag:
         parser.add_argument("--json", action="store_true", help="print JSON")
     return parser
@@ -704,7 +712,9 @@ def register(commands: Any) -> None:
     hook = commands.add_parser("hook", help="record what a client hook reports (Claude Code prompts)")
     hook.add_argument("client", choices=["claude-code"])
     hook.add_argument("--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG)")
-    hook.add_argument("--store", help="audit store URL (default: from the configuration)")
+    hook.add_argument(
+        "--store", type=command_line_url, help="audit store URL (default: from the configuration)"
+    )
     hook.add_argument(
         "--require",
         action="store_true",

@@ -13,6 +13,7 @@ import argparse
 import asyncio
 from typing import Any
 
+from mcp_guard.config import command_line_url
 from mcp_guard.errors import AuditError, UsageError
 from mcp_guard.store import open_store
 from mcp_guard.store.base import Store, VerifyReport
@@ -119,11 +120,15 @@ def register(commands: Any) -> None:
 
     migrate = actions.add_parser("migrate", help="create or upgrade the audit store's schema (safe to rerun)")
     migrate.add_argument("--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG)")
-    migrate.add_argument("--store", help="audit store URL (default: from the configuration)")
+    migrate.add_argument(
+        "--store", type=command_line_url, help="audit store URL (default: from the configuration)"
+    )
     migrate.set_defaults(handler=cmd_migrate)
 
     copy = actions.add_parser("copy", help="copy an audit history into another store, chain intact")
-    copy.add_argument("--from", dest="source", required=True, help="the store to copy (sqlite:///... )")
-    copy.add_argument("--to", help="the store to fill (default: the configured one)")
+    copy.add_argument(
+        "--from", dest="source", type=command_line_url, required=True, help="the store to copy (a URL)"
+    )
+    copy.add_argument("--to", type=command_line_url, help="the store to fill (default: the configured one)")
     copy.add_argument("--config", help="TOML configuration file (default: $MCP_GUARD_CONFIG)")
     copy.set_defaults(handler=cmd_copy)
