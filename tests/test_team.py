@@ -155,10 +155,12 @@ def test_a_foreign_audit_table_is_not_taken_over(pg_shop_url: str, capsys) -> No
     assert code == 1 and "already holds audit but no mcp-guard schema" in err
 
 
-def test_an_unreachable_store_is_named_without_its_password(capsys) -> None:
-    code, _, err = audit_cli(
-        capsys, "audit", "verify", "--store", "postgresql://gateway:hunter22@127.0.0.1:1/audit"
-    )
+def test_an_unreachable_store_is_named_without_its_password(
+    tmp_path: Path, sqlite_shop: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    config = team_config(tmp_path, sqlite_shop)
+    monkeypatch.setenv("TEAM_STORE_URL", "postgresql://gateway:hunter22@127.0.0.1:1/audit")
+    code, _, err = audit_cli(capsys, "audit", "verify", "--config", str(config))
     assert code == 1
     assert "audit store postgresql://gateway@127.0.0.1:1/audit: cannot connect" in err
     assert "hunter22" not in err
