@@ -460,6 +460,10 @@ class ApprovalSettings(_Model):
     gateway_keys: tuple[str, ...] = ()
     """Public keys (`ed25519:<base64>`) of the gateways whose token-based votes count here, this
     gateway's own included (`mcp-guard audit key` prints it)."""
+    token_max_age: Annotated[float, Field(gt=0, le=86_400)] | None = None
+    """Seconds since the reviewer signed in (the token's `auth_time`, else `iat`) within which their
+    token may cast a vote; an older one is refused with a request to sign in again (RFC 9470). Unset:
+    any valid token may vote."""
 
     @field_validator("gateway_keys")
     @classmethod

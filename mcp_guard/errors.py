@@ -39,8 +39,12 @@ class UsageError(GuardError):
 class AuthenticationError(GuardError):
     """The caller's token is missing or was refused. `detail` is safe to record: never the token itself."""
 
-    def __init__(self, message: str, *, detail: dict[str, str] | None = None) -> None:
+    def __init__(
+        self, message: str, *, detail: dict[str, str] | None = None, challenge: dict[str, str] | None = None
+    ) -> None:
         self.detail = dict(detail or {})
+        self.challenge = dict(challenge or {"error": "invalid_token"})
+        """The 401's WWW-Authenticate parameters (RFC 6750; RFC 9470 for a sign-in too old)."""
         super().__init__(message)
 
 

@@ -41,6 +41,8 @@ class Identity:
     username: str | None = None
     authorized_party: str | None = None
     expires_at: int | None = None
+    authenticated_at: int | None = None
+    """When the person signed in: the token's `auth_time`, else when it was issued (`iat`)."""
 
     def as_dict(self) -> dict[str, object]:
         found: dict[str, object] = {
@@ -50,11 +52,40 @@ class Identity:
         }
         if self.source == "local":
             found["verified_by"] = "none: single-user mode, the operating-system user running mcp-guard"
-        for name in ("issuer", "email", "username", "authorized_party", "expires_at"):
+        for name in ("issuer", "email", "username", "authorized_party", "expires_at", "authenticated_at"):
             value = getattr(self, name)
             if value is not None:
                 found[name] = value
         return found
+
+
+def _signed_in_at(claims: Mapping[str, Any]) -> int:
+    auth_time = claims.get("auth_time")
+    if isinstance(auth_time, int | float) and not isinstance(auth_time, bool):
+        return int(auth_time)
+    return int(claims["iat"])
+
+
+def check_fresh(identity: Identity, max_age: float, skew: float, now: float | None = None) -> None:
+    """A step-up check (RFC 9470): the person signed in at most `max_age` seconds ago; else an
+    AuthenticationError that asks the client for a new sign-in within that age."""
+    if identity.authenticated_at is None:
+        age = "of an unknown age"
+    else:
+        seconds = (time.time() if now is None else now) - identity.authenticated_at
+        if seconds <= max_age + skew:
+            return
+        age = f"{_duration(seconds)} old"
+    raise AuthenticationError(
+        f"this sign-in is {age}; deciding a held request needs one within {_duration(max_age)}: sign "
+        "in again and retry",
+        challenge={"error": "insufficient_user_authentication", "max_age": str(int(max_age))},
+    )
+
+
+def _duration(seconds: float) -> str:
+    minutes, rest = divmod(int(seconds), 60)
+    return f"{minutes} min {rest} s" if minutes else f"{rest} s"
 
 
 def local_identity(groups: tuple[str, ...] = ()) -> Identity:
@@ -228,6 +259,7 @@ class OidcVerifier:
             else None,
             authorized_party=azp if isinstance(azp, str) else None,
             expires_at=int(claims["exp"]),
+            authenticated_at=_signed_in_at(claims),
         )
 
     def _groups(self, claims: Mapping[str, Any]) -> frozenset[str]:

@@ -34,8 +34,9 @@ from mcp_guard.values import JsonValue
 
 log = logging.getLogger(__name__)
 
-Authenticate = Callable[[str], Awaitable[Identity | None]]
-"""A bearer token's identity, or None when it is refused (the refusal is recorded and explained)."""
+Authenticate = Callable[[str, float | None], Awaitable[Identity | None]]
+"""A bearer token's identity, or None when it is refused (the refusal is recorded and explained);
+the second argument, when set, is how long ago its holder may have signed in at most."""
 
 MAX_BODY = 16_384
 MAX_REASON = 2_000
@@ -87,10 +88,19 @@ def _visible(request: ApprovalRequest, identity: Identity) -> bool:
 class ReviewApi:
     """The routes, over the gateway's own approval lifecycle and store."""
 
-    def __init__(self, approvals: Approvals, authenticate: Authenticate, key: Ed25519PrivateKey) -> None:
+    def __init__(
+        self,
+        approvals: Approvals,
+        authenticate: Authenticate,
+        key: Ed25519PrivateKey,
+        *,
+        max_age: float | None = None,
+    ) -> None:
         self.approvals = approvals
         self.authenticate = authenticate
         self.key = key
+        self.max_age = max_age
+        """How recent a sign-in a vote needs (`approvals.token_max_age`); listing and reading do not."""
 
     def routes(self) -> list[tuple[str, list[str], Callable[[Request], Awaitable[Response]]]]:
         """(path, methods, handler), most specific first."""
@@ -155,7 +165,7 @@ class ReviewApi:
             )
             return {"request": self._shown(decided, identity), "tally": counted.describe()}
 
-        return await self._answer(request, act)
+        return await self._answer(request, act, self.max_age)
 
     async def _get(self, request: Request, identity: Identity, token: str) -> ApprovalRequest:
         request_id = request.path_params["request_id"]
@@ -188,10 +198,14 @@ class ReviewApi:
         return Actor(identity.subject, f"review-{token_fingerprint(token)}")
 
     async def _answer(
-        self, request: Request, act: Callable[[Identity, str], Awaitable[JsonValue]]
+        self,
+        request: Request,
+        act: Callable[[Identity, str], Awaitable[JsonValue]],
+        max_age: float | None = None,
     ) -> Response:
         scheme, _, token = request.headers.get("authorization", "").partition(" ")
-        identity = await self.authenticate(token.strip()) if scheme.lower() == "bearer" and token else None
+        bearer = scheme.lower() == "bearer" and token
+        identity = await self.authenticate(token.strip(), max_age) if bearer else None
         if identity is None:
             return Response(status_code=401)  # explained and recorded by the server's refusal middleware
         try:

@@ -39,7 +39,7 @@ from mcp_guard import __version__, heap, stdio
 from mcp_guard.config import is_loopback
 from mcp_guard.errors import AuditError, AuthenticationError, UsageError
 from mcp_guard.guard import CallContext, Guard
-from mcp_guard.identity import Identity, OidcVerifier
+from mcp_guard.identity import Identity, OidcVerifier, check_fresh
 from mcp_guard.results import ToolResult, error_result
 from mcp_guard.review_api import ReviewApi, gateway_key
 
@@ -395,12 +395,8 @@ class BearerVerifier:
         self.verifier = verifier
 
     async def verify_token(self, token: str) -> AccessToken | None:
-        try:
-            identity = await self.verifier.verify(token)
-        except AuthenticationError as error:
-            pending = _refusal.get()
-            if pending is not None:
-                pending.error = error
+        identity = await self.identity(token)
+        if identity is None:
             return None
         return VerifiedToken(
             token=token,
@@ -412,10 +408,19 @@ class BearerVerifier:
             identity=identity,
         )
 
-    async def identity(self, token: str) -> Identity | None:
-        """The token's identity, or None when refused (the refusal is kept for the 401, as above)."""
-        found = await self.verify_token(token)
-        return found.identity if isinstance(found, VerifiedToken) else None
+    async def identity(self, token: str, max_age: float | None = None) -> Identity | None:
+        """The token's identity, or None when refused (the refusal is kept for the 401, as above);
+        with `max_age`, refused too when its holder signed in longer ago than that."""
+        try:
+            identity = await self.verifier.verify(token)
+            if max_age is not None:
+                check_fresh(identity, max_age, self.verifier.settings.clock_skew)
+        except AuthenticationError as error:
+            pending = _refusal.get()
+            if pending is not None:
+                pending.error = error
+            return None
+        return identity
 
 
 async def bearer_identity() -> Identity:
@@ -426,14 +431,16 @@ async def bearer_identity() -> Identity:
     return token.identity
 
 
-def _challenge(original: bytes, reason: str) -> bytes:
-    """The SDK's WWW-Authenticate header (with its resource_metadata) with our reason as description."""
-    safe = reason.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
-    value = original.decode("latin-1")
-    if "error_description=" in value:
-        value = re.sub(r'error_description="[^"]*"', lambda _: f'error_description="{safe}"', value)
-    else:
-        value = f'Bearer error="invalid_token", error_description="{safe}"'
+def _challenge(original: bytes, error: AuthenticationError) -> bytes:
+    """The SDK's WWW-Authenticate header (with its resource_metadata) with our error and reason."""
+    params = {**error.challenge, "error_description": str(error)}
+    value = original.decode("latin-1") or "Bearer"
+    for name, text in params.items():
+        safe = text.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
+        if f"{name}=" in value:
+            value = re.sub(rf'\b{name}="[^"]*"', lambda _, safe=safe, name=name: f'{name}="{safe}"', value)
+        else:
+            value += f'{"," if value != "Bearer" else ""} {name}="{safe}"'
     return value.encode("latin-1", "replace")
 
 
@@ -467,7 +474,7 @@ class RecordRefusals:
                 replaced = True
                 error = refusal.error or _unexplained(scope)
                 await self._record(scope, error)
-                body = json.dumps({"error": "invalid_token", "error_description": str(error)}).encode()
+                body = json.dumps({**error.challenge, "error_description": str(error)}).encode()
                 original = dict(message.get("headers", [])).get(b"www-authenticate", b"")
                 headers = [
                     (name, value)
@@ -476,7 +483,7 @@ class RecordRefusals:
                 ]
                 headers += [
                     (b"content-length", str(len(body)).encode()),
-                    (b"www-authenticate", _challenge(original, str(error))),
+                    (b"www-authenticate", _challenge(original, error)),
                 ]
                 await send({"type": "http.response.start", "status": 401, "headers": headers})
                 await send({"type": "http.response.body", "body": body})
@@ -543,7 +550,12 @@ async def serve_http(
     )
     reviewers = _reviewers_verifier(guard, verifier)
     if reviewers is not None:
-        api = ReviewApi(guard.approvals, BearerVerifier(reviewers).identity, gateway_key(guard.config))
+        api = ReviewApi(
+            guard.approvals,
+            BearerVerifier(reviewers).identity,
+            gateway_key(guard.config),
+            max_age=guard.config.settings.approvals.token_max_age,
+        )
         for route, methods, handler in api.routes():
             server.custom_route(route, methods)(handler)
     app = server.sse_app(host=host) if transport == "sse" else server.streamable_http_app(host=host)

@@ -141,7 +141,9 @@ async def test_each_session_is_recorded_with_its_identity_client_and_transport(s
         "email": "carol@corp.example",
         "username": "carol",
         "expires_at": start.detail["identity"]["expires_at"],
+        "authenticated_at": start.detail["identity"]["authenticated_at"],
     }
+    assert start.detail["identity"]["expires_at"] > start.detail["identity"]["authenticated_at"]
     calls = await audit(database, session_id=start.session_id, type=EventType.REQUEST)
     assert [r.event.identity for r in calls] == ["carol"]
     ends = await eventually(database, bool, session_id=start.session_id, type=EventType.SESSION_END)

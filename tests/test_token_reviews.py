@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -47,7 +48,9 @@ approvers = ["dba"]
 DELETE = {"sql": "DELETE FROM orders WHERE id = 1", "reason": "duplicate order, customer asked"}
 
 
-def gateway_config(home: Path, idp: LocalIdP, *, wait: float, trusted: list[str] | None = None) -> Path:
+def gateway_config(
+    home: Path, idp: LocalIdP, *, wait: float, trusted: list[str] | None = None, approvals: str = ""
+) -> Path:
     """A gateway whose reviewers decide with tokens issued for their own audience."""
     from mcp_guard.demo.data import create_demo_database
 
@@ -59,7 +62,7 @@ def gateway_config(home: Path, idp: LocalIdP, *, wait: float, trusted: list[str]
         f'[identity]\nmode = "oidc"\nissuer = "{idp.issuer}"\naudience = "{AUDIENCE}"\n\n'
         f'[connections.shop]\nurl = "sqlite:///{home / "shop.db"}"\n{POLICY}\n'
         f"[approvals]\nwait = {wait}\ntoken_reviewers = true\n"
-        f'token_audience = "{REVIEW_AUDIENCE}"\ngateway_keys = {json.dumps(keys)}\n',
+        f'token_audience = "{REVIEW_AUDIENCE}"\ngateway_keys = {json.dumps(keys)}\n{approvals}',
     )
 
 
@@ -146,6 +149,41 @@ async def test_a_reviewer_approves_with_a_token_and_the_waiting_call_runs(gatewa
     assert vote.event.identity == "bob" and vote.event.detail["proof"].startswith("gateway-ed25519:")
     audit_bytes = (config.parent / "audit.db").read_bytes()
     assert bob.encode() not in audit_bytes and bob.split(".")[2].encode() not in audit_bytes
+
+
+async def test_a_vote_needs_a_recent_sign_in_when_token_max_age_is_set(tmp_path, local_idp):
+    """Deciding is a step up (RFC 9470): a token whose holder signed in longer ago than
+    `token_max_age` may still read, not vote; `auth_time` counts when the token carries it."""
+    config = gateway_config(tmp_path, local_idp, wait=0.2, approvals="token_max_age = 600\n")
+    now = int(time.time())
+    stale = reviewer_token(local_idp, "bob", ["dba"], iat=now - 3600, auth_time=now - 3600)
+    refreshed = reviewer_token(local_idp, "bob", ["dba"], auth_time=now - 3600)  # new token, old sign-in
+    fresh = reviewer_token(local_idp, "bob", ["dba"], auth_time=now - 60)
+    with http_server(config, tmp_path, "streamable-http") as url:
+        request_id = await held_delete(url, local_idp)
+        base = url.removesuffix("/mcp")
+        async with httpx2.AsyncClient(base_url=base, timeout=30) as http:
+            vote = await http.post(
+                f"/approvals/{request_id}/vote",
+                headers={"Authorization": f"Bearer {stale}"},
+                json={"decision": "approve"},
+            )
+            listed = await http.get("/approvals", headers={"Authorization": f"Bearer {stale}"})
+        again = as_reviewer(tmp_path, url, refreshed, "approve", request_id)
+        approved = as_reviewer(tmp_path, url, fresh, "approve", request_id)
+
+    challenge = vote.headers["www-authenticate"]
+    assert vote.status_code == 401 and vote.json()["error"] == "insufficient_user_authentication"
+    assert 'error="insufficient_user_authentication"' in challenge and 'max_age="600"' in challenge
+    assert "this sign-in is 60 min" in vote.json()["error_description"]
+    assert listed.status_code == 200 and [r["id"] for r in listed.json()["requests"]] == [request_id]
+    assert again.returncode == 1 and "sign in again and retry" in again.stderr
+    assert approved.returncode == 0, approved.stderr
+    async with desk(config) as reviewers:
+        request = await reviewers.request(request_id)
+        failures = await reviewers.store.query(AuditFilter(type=EventType.AUTH_FAILURE))
+    assert [(v.reviewer, v.decision) for v in request.votes] == [("bob", "approve")]
+    assert sum("needs one within 10 min" in str(f.event.detail.get("reason")) for f in failures) == 2
 
 
 async def test_the_tokens_groups_decide_who_may_vote(tmp_path, local_idp):
