@@ -22,7 +22,6 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
-from mcp_guard.classify import StatementKind, classify
 from mcp_guard.config import (
     Config,
     command_line_url,
@@ -32,7 +31,7 @@ from mcp_guard.config import (
     load_config,
 )
 from mcp_guard.errors import ConfigError, GuardError, UsageError
-from mcp_guard.policy import decide, needs_estimate
+from mcp_guard.kinds import StatementKind
 
 if TYPE_CHECKING:
     from mcp_guard.approvals import Actor, Approvals, Verdict
@@ -159,6 +158,9 @@ def cmd_token(args: argparse.Namespace) -> int:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
+    from mcp_guard.classify import classify  # the SQL parser, loaded by the commands that read SQL
+    from mcp_guard.policy import Decision, decide, needs_estimate
+
     config = _config(args)
     connection = _pick_connection(config, args.connection)
     sql = sys.stdin.read() if args.sql == "-" else args.sql
@@ -171,17 +173,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     decision = decide(config.settings.policy, classification, tool=tool, connection=connection, groups=groups)
     if tool == "query" and not all_reads:
         from mcp_guard.guard import QUERY_READS_ONLY
-        from mcp_guard.policy import Decision
 
         decision = Decision("deny", QUERY_READS_ONLY, "query runs reads only")
     elif tool == "query" and decision.held:
-        from mcp_guard.policy import Decision
-
         decision = Decision("deny", decision.rule, "held reads run through execute only")
     masking = _check_masking(config, connection, classification, groups) if decision.allowed else None
     if masking is not None and any(m.get("refused") for m in masking):
-        from mcp_guard.policy import Decision
-
         refused = next(m for m in masking if m.get("refused"))
         decision = Decision("deny", "builtin:masking", str(refused["refused"]))
     if args.json:

@@ -20,8 +20,8 @@ import platformdirs
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from mcp_guard.backends.base import Limits
-from mcp_guard.classify import RiskFlag, StatementKind
 from mcp_guard.errors import ConfigError
+from mcp_guard.kinds import RiskFlag, StatementKind
 from mcp_guard.reviewers import AnyProof, GatewayVerifier, KeyVerifier, Reviewer, ReviewerKey
 
 CONFIG_ENV = "MCP_GUARD_CONFIG"
