@@ -73,9 +73,9 @@ def check_fresh(identity: Identity, max_age: float, skew: float, now: float | No
         age = "of an unknown age"
     else:
         seconds = (time.time() if now is None else now) - identity.authenticated_at
-        if seconds <= max_age + skew:
+        if -skew <= seconds <= max_age + skew:
             return
-        age = f"{_duration(seconds)} old"
+        age = f"{_duration(seconds)} old" if seconds > 0 else "dated in the future (check the clocks)"
     raise AuthenticationError(
         f"this sign-in is {age}; deciding a held request needs one within {_duration(max_age)}: sign "
         "in again and retry",

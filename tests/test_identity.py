@@ -300,3 +300,23 @@ async def test_a_verifier_for_another_audience_shares_the_key_set(local_idp):
         await callers.aclose()
     assert reviewer.subject == "bob" and reviewers.keys is callers.keys
     assert local_idp.jwks_hits == hits  # the key set fetched for the callers served the reviewers
+
+
+def test_a_sign_in_counts_as_recent_only_within_max_age_and_never_from_the_future() -> None:
+    from mcp_guard.identity import Identity, check_fresh
+
+    def signed_in(at: int | None) -> Identity:
+        return Identity("bob", frozenset({"dba"}), "oidc", authenticated_at=at)
+
+    now = 1_800_000_000
+    check_fresh(signed_in(now - 900), 900, 30, now=now)
+    check_fresh(signed_in(now - 929), 900, 30, now=now)  # within the clock skew
+    check_fresh(signed_in(now + 29), 900, 30, now=now)
+    refusals = []
+    for at in (now - 931, now + 3600, None):
+        with pytest.raises(AuthenticationError) as refused:
+            check_fresh(signed_in(at), 900, 30, now=now)
+        refusals.append(str(refused.value))
+        assert refused.value.challenge == {"error": "insufficient_user_authentication", "max_age": "900"}
+    assert refusals[0].startswith("this sign-in is 15 min 31 s old; deciding a held request needs one")
+    assert "dated in the future" in refusals[1] and "of an unknown age" in refusals[2]
