@@ -456,14 +456,15 @@ async def test_a_watch_hears_a_change_made_through_another_store(store_url: str,
     assert heard < 1.0
 
 
-async def test_a_watch_starts_from_now_even_when_another_watch_is_already_waiting(
-    store_url: str, store: Store
-) -> None:
+async def test_a_sqlite_watch_starts_from_now_even_when_another_watch_is_already_waiting(tmp_path) -> None:
     """A change committed before a watch began is not news to it (a reviewer's long poll that
-    answered "changed" for it would re-list for nothing), but still wakes the watch that was waiting."""
-    await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
-    other = await opened(store_url)
+    answered "changed" for it would re-list for nothing), but still wakes the watch that was waiting.
+    SQLite's poller knows when each watch began; PostgreSQL's notification of a commit may arrive
+    after a watch began, a wake-up the watch's contract ("may have changed") allows."""
+    url = f"sqlite:///{tmp_path / 'audit.db'}"
+    store, other = await opened(url), await opened(url)
     try:
+        await store.add_approval(approval_request(), step("req-1", EventType.APPROVAL_REQUESTED))
         async with store.watch_approvals() as earlier:
             assert await other.transition_approval(
                 "req-1",
@@ -477,3 +478,4 @@ async def test_a_watch_starts_from_now_even_when_another_watch_is_already_waitin
             assert await earlier.wait(1)
     finally:
         await other.close()
+        await store.close()
