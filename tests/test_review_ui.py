@@ -186,3 +186,22 @@ async def test_the_ui_keeps_the_newest_checkpoint_and_reports_a_store_cut_behind
             db.close()
             status = app.query_one("#status", Static)
             await until(pilot, lambda: "cut or rolled back" in shown(status), "the cut store", timeout=15)
+
+
+async def test_a_change_arriving_while_the_ui_closes_ends_its_watch_quietly(tmp_path, sqlite_shop):
+    """Closing the UI removes its tables; a change that arrives meanwhile ends the watch quietly
+    instead of failing the app (a reload looking for a table that is gone)."""
+    config = approval_config(tmp_path, sqlite_connection(sqlite_shop))
+    async with guard_client(config, tmp_path) as client, desk(config) as reviewers:
+        app = app_for(reviewers, "dana")
+        async with app.run_test(size=(140, 45)) as pilot:
+            await pilot.pause()
+            await app.query_one("#pending", DataTable).remove()  # as when the app is torn down
+            call = asyncio.create_task(client.call("execute", **DELETE))
+            request = await reviewers.next_request()
+            watching = [worker for worker in app.workers if worker.name == "follow_store"]
+            await until(pilot, lambda: all(w.is_finished for w in watching), "the watch ending")
+            assert [w.error for w in watching] == [None]
+        await reviewers.vote(request.id, "dana", "deny", "not now")
+        reply = await settled(call)
+    assert reply.is_error and "not now" in reply.text

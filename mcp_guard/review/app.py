@@ -11,6 +11,7 @@ it is kept in memory while the UI runs; a reviewer with a token decides through 
 from __future__ import annotations
 
 import asyncio
+from contextlib import suppress
 from typing import Any
 
 from rich.console import Group, RenderableType
@@ -21,6 +22,7 @@ from textual import on, work
 from textual.app import App, ComposeResult
 from textual.binding import Binding
 from textual.containers import Vertical, VerticalScroll
+from textual.css.query import NoMatches
 from textual.screen import ModalScreen, Screen
 from textual.widgets import DataTable, Footer, Header, Input, Label, Static
 
@@ -192,13 +194,14 @@ class ReviewApp(App[None]):
 
     @work(exclusive=True, group="store")
     async def follow_store(self) -> None:
-        async with self.desk.changes() as changes:
-            while True:
-                try:
-                    await self.reload()
-                except GuardError as error:
-                    self.say(f"[red]{escape(str(error))}[/]")
-                await changes.wait(REFRESH_S)
+        with suppress(NoMatches):  # the app is closing: the widgets a reload fills are gone
+            async with self.desk.changes() as changes:
+                while True:
+                    try:
+                        await self.reload()
+                    except GuardError as error:
+                        self.say(f"[red]{escape(str(error))}[/]")
+                    await changes.wait(REFRESH_S)
 
     async def reload(self) -> None:
         self.checkpoint = await self.desk.checkpoint()
