@@ -12,7 +12,7 @@ runs compiled (sqlglotc). The two reads are sampled in turn, so that both see th
 
 Measured on 2026-11-26 on a slower machine than the rounds below (a CPU-bound `sum(range(1000))`
 7 µs), load 1-2, after the heap settling of `mcp_guard/heap.py` and the cheaper generator check of
-`rewrite._check_masked_form`:
+`rewrite._check_regenerated`:
 
 - rewrite + lineage of a new 3-join query: 2.3-2.7 ms, 4.8-5.0x classifying the statement in the
   same run (7.6-8.1x before the check changed: 4.2-7.6 ms). The earlier rounds' 1.1 ms was timed with
