@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import getpass
 import hashlib
+import math
 import os
 import re
 import time
@@ -61,7 +62,7 @@ class Identity:
 
 def _signed_in_at(claims: Mapping[str, Any]) -> int:
     auth_time = claims.get("auth_time")
-    if isinstance(auth_time, int | float) and not isinstance(auth_time, bool):
+    if isinstance(auth_time, int | float) and not isinstance(auth_time, bool) and math.isfinite(auth_time):
         return int(auth_time)
     return int(claims["iat"])
 
@@ -222,6 +223,10 @@ class OidcVerifier:
                 raise AuthenticationError(f"the token has no {missing.group(1)!r} claim") from None
             raise AuthenticationError(
                 f"the token's signature does not verify with key {_shown(kid)!r}"
+            ) from None
+        except OverflowError:  # python-jose turns exp, nbf and iat into integers, and Infinity is none
+            raise AuthenticationError(
+                "the token's claims are refused: a time claim (exp, nbf, iat) is not a finite number"
             ) from None
         return self._identity(claims)
 

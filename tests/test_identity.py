@@ -6,6 +6,7 @@ import base64
 import hashlib
 import hmac
 import json
+import math
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -91,6 +92,9 @@ BAD_TOKENS: list[tuple[str, Callable[[LocalIdP], str], str]] = [
     ("issued in the future", lambda idp: idp.token(iat=int(time.time()) + 3600), "issued in the future"),
     ("key of another type", _es256_header_on_rsa_key, "the token says ES256 but key 'rsa-1' is a RSA key"),
     ("not a JWT", lambda idp: "not-a-token", "not a JWT"),
+    ("an infinite expiry", lambda idp: idp.token(exp=math.inf), "is not a finite number"),
+    ("issued at infinity", lambda idp: idp.token(iat=math.inf), "is not a finite number"),
+    ("issued at NaN", lambda idp: idp.token(iat=math.nan), "Issued At claim (iat) must be an integer"),
 ]
 
 
