@@ -184,10 +184,14 @@ class GatewaySigner(Signer):
         )
 
     def sign(self, payload: bytes) -> str:
-        signature = self._gateway.sign(_GATEWAY_DOMAIN + _b64(self._vouched).encode() + b"\n" + payload)
-        return ":".join(
-            (GATEWAY_SCHEME, _b64(_public_bytes(self._gateway)), _b64(self._vouched), _b64(signature))
-        )
+        vouched = _b64(self._vouched)
+        signature = self._gateway.sign(_gateway_message(vouched, payload))
+        return ":".join((GATEWAY_SCHEME, _b64(_public_bytes(self._gateway)), vouched, _b64(signature)))
+
+
+def _gateway_message(vouched: str, payload: bytes) -> bytes:
+    """What a gateway signs for a vote: the vouched claims as they travel in the proof, and the vote."""
+    return _GATEWAY_DOMAIN + vouched.encode() + b"\n" + payload
 
 
 class ProofVerifier(ABC):
@@ -269,7 +273,7 @@ class GatewayVerifier(ProofVerifier):
             )
         try:
             Ed25519PublicKey.from_public_bytes(public).verify(
-                signature, _GATEWAY_DOMAIN + parts[2].encode() + b"\n" + payload
+                signature, _gateway_message(parts[2], payload)
             )
             claims = json.loads(vouched)
             subject, groups = claims["subject"], claims["groups"]
