@@ -436,11 +436,12 @@ def _challenge(original: bytes, error: AuthenticationError) -> bytes:
     params = {**error.challenge, "error_description": str(error)}
     value = original.decode("latin-1") or "Bearer"
     for name, text in params.items():
+        # no quote or backslash left: the parameter is literal in the header and in the substitution
         safe = text.encode("ascii", "replace").decode().replace('"', "'").replace("\\", "/")
-        if f"{name}=" in value:
-            value = re.sub(rf'\b{name}="[^"]*"', lambda _, safe=safe, name=name: f'{name}="{safe}"', value)
-        else:
-            value += f'{"," if value != "Bearer" else ""} {name}="{safe}"'
+        param = f'{name}="{safe}"'
+        value, replaced = re.subn(rf'\b{name}="[^"]*"', param, value)
+        if not replaced:
+            value += f"{',' if value != 'Bearer' else ''} {param}"
     return value.encode("latin-1", "replace")
 
 
