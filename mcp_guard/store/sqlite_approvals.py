@@ -296,14 +296,14 @@ class SqliteApprovals:
         watch = SignalledWatch()
         self._watches.add(watch)
         try:
-            if self._poller is None:
+            joining = self._poller is not None
+            if not joining:
                 self._baseline = asyncio.Event()
                 self._poller = asyncio.get_running_loop().create_task(self._poll(self._baseline))
-                await self._baseline.wait()
-            else:
+            await self._baseline.wait()
+            if joining:
                 # commits since the running poller's last poll are owed to the watches already
                 # waiting; what they signal now precedes this watch's caller's next read
-                await self._baseline.wait()
                 self._saw(await self._data_version())
             watch.reset()
             yield watch
