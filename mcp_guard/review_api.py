@@ -134,7 +134,8 @@ class ReviewApi:
 
     async def one(self, request: Request) -> Response:
         async def act(identity: Identity, token: str) -> JsonValue:
-            return {"request": self._shown(await self._get(request, identity, token), identity)}
+            found = await self._get(request, identity, self._actor(identity, token))
+            return {"request": self._shown(found, identity)}
 
         return await self._answer(request, act)
 
@@ -149,7 +150,8 @@ class ReviewApi:
     async def vote(self, request: Request) -> Response:
         async def act(identity: Identity, token: str) -> JsonValue:
             decision, reason = await _ballot(request)
-            held = await self._get(request, identity, token)
+            actor = self._actor(identity, token)
+            held = await self._get(request, identity, actor)
             signer = GatewaySigner(
                 _reviewer(identity),
                 self.key,
@@ -160,17 +162,15 @@ class ReviewApi:
                     "token_sha256": token_fingerprint(token),
                 },
             )
-            decided, counted = await self.approvals.vote(
-                held.id, signer, decision, reason, self._actor(identity, token).session_id
-            )
+            decided, counted = await self.approvals.vote(held.id, signer, decision, reason, actor.session_id)
             return {"request": self._shown(decided, identity), "tally": counted.describe()}
 
         return await self._answer(request, act, self.max_age)
 
-    async def _get(self, request: Request, identity: Identity, token: str) -> ApprovalRequest:
+    async def _get(self, request: Request, identity: Identity, actor: Actor) -> ApprovalRequest:
         request_id = request.path_params["request_id"]
         try:
-            found = await self.approvals.get(request_id, self._actor(identity, token))
+            found = await self.approvals.get(request_id, actor)
         except ApprovalError:
             raise _NotFound(f"there is no approval request {request_id[:40]!r} you may see") from None
         if not _visible(found, identity):
