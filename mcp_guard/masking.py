@@ -80,15 +80,24 @@ class ColumnMask:
     semantic_type: SemanticType | None = None
 
 
-def _glob_matches(glob: str, relation: Relation, column: str) -> bool:
+def _glob_matches(glob: str, schema: str, table: str, column: str) -> bool:
     parts = glob.lower().split(".")
-    names = [relation.schema.lower(), relation.name.lower(), column.lower()][-len(parts) :]
+    names = [schema.lower(), table.lower(), column.lower()][-len(parts) :]
     return all(fnmatchcase(name, part) for name, part in zip(names, parts, strict=True))
 
 
 def column_matches(globs: tuple[str, ...], relation: Relation, column: str) -> bool:
-    """Whether any of `column`, `table.column`, `schema.table.column` globs names this column."""
-    return any(_glob_matches(glob, relation, column) for glob in globs)
+    """Whether any of `column`, `table.column`, `schema.table.column` globs names this column, or
+    the same column of a table it shares rows with (an ancestor it inherits the column from, a
+    partition or child whose rows a read of it includes)."""
+    return any(
+        _glob_matches(glob, relation.schema, relation.name, column)
+        or any(
+            column in relative.columns and _glob_matches(glob, relative.schema, relative.name, column)
+            for relative in relation.relatives
+        )
+        for glob in globs
+    )
 
 
 class Masking:

@@ -17,10 +17,10 @@ import asyncpg
 import pytest
 import sqlglot
 
-from mcp_guard.backends.base import DbSchema, Relation
+from mcp_guard.backends.base import DbSchema, Relation, Relative
 from mcp_guard.catalog import Catalog
 from mcp_guard.classify import classify
-from mcp_guard.config import ALL_DETECTORS, DEMO_MASKING
+from mcp_guard.config import ALL_DETECTORS, DEMO_MASKING, MaskRule
 from mcp_guard.demo.data import shop_rows
 from mcp_guard.detectors import Detectors
 from mcp_guard.lineage import lineage, statement_lineage
@@ -540,3 +540,91 @@ async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
             assert [row[0] for row in rows] == [partial_value(value, kind or "") for value in values], kind
     finally:
         await conn.close()
+
+
+def test_a_rule_speaks_for_the_same_column_of_every_table_sharing_its_rows():
+    masking = Masking(DEMO_MASKING, b"k" * 32)
+    rules = (MaskRule(name="pins", columns=("accounts.pin",), strategy="redact"),)
+    columns = tuple((c, "text") for c in ("id", "pin", "level"))
+    child = Relation(
+        "public",
+        "vip",
+        "table",
+        columns,
+        relatives=(Relative("public", "accounts", frozenset({"id", "pin"})),),
+    )
+    parent = Relation(
+        "public",
+        "ledger",
+        "table",
+        columns[:2],
+        relatives=(Relative("public", "accounts", frozenset({"id", "pin"})),),
+    )
+    stranger = Relation("public", "vip", "table", columns)
+    assert set(masking.table_masks(rules, child)) == {"pin"}  # not its own column `level`
+    assert set(masking.table_masks(rules, parent)) == {"pin"}
+    assert masking.table_masks(rules, stranger) == {}
+    everything = (MaskRule(name="all", columns=("accounts.*",), strategy="redact"),)
+    assert set(masking.table_masks(everything, child)) == {"id", "pin"}
+
+
+FAMILY = """
+DROP TABLE IF EXISTS family_accounts, family_ledger CASCADE;
+CREATE TABLE family_accounts (id int, owner text, pin text);
+CREATE TABLE family_accounts_closed (closed_on text) INHERITS (family_accounts);
+INSERT INTO family_accounts VALUES (1, 'open one', 'pin-open-7781');
+INSERT INTO family_accounts_closed VALUES (2, 'closed one', 'pin-closed-5531', 'last year');
+CREATE TABLE family_ledger (id int, entry text, code text) PARTITION BY RANGE (id);
+CREATE TABLE family_ledger_old PARTITION OF family_ledger FOR VALUES FROM (MINVALUE) TO (100);
+CREATE TABLE family_ledger_new PARTITION OF family_ledger FOR VALUES FROM (100) TO (MAXVALUE);
+INSERT INTO family_ledger VALUES (1, 'old entry', 'code-old-4410'), (200, 'new entry', 'code-new-9920');
+"""
+FAMILY_RULES = """
+[[masking.rules]]
+name = "pins"
+columns = ["family_accounts.pin"]
+strategy = "redact"
+
+[[masking.rules]]
+name = "old-codes"
+columns = ["family_ledger_old.code"]
+strategy = "redact"
+"""
+
+
+async def test_inheritance_children_and_partitions_are_masked_like_their_relatives(tmp_path, pg_shop_url):
+    """A rule on a table masks its inheritance children and partitions read directly (they hold its
+    column), and a rule on a partition masks the column of the table whose reads include its rows."""
+    admin = await asyncpg.connect(pg_shop_url)
+    try:
+        await admin.execute(FAMILY)
+    finally:
+        await admin.close()
+    config = write_config(
+        tmp_path, f'[connections.pg]\nurl_env = "DB_URL"\n[masking]\ndetectors = []\n{FAMILY_RULES}'
+    )
+    async with guard_client(config, tmp_path, DB_URL=pg_shop_url) as client:
+        replies = {
+            sql: await client.call("query", sql=sql)
+            for sql in (
+                "SELECT id, pin FROM family_accounts ORDER BY id",
+                "SELECT pin, closed_on FROM family_accounts_closed",
+                "SELECT * FROM ONLY family_accounts_closed",
+                "SELECT upper(code) AS c FROM family_ledger ORDER BY id",
+                "SELECT code FROM family_ledger_old",
+                "TABLE family_ledger_new",
+            )
+        }
+        described = await client.call("describe_table", table="family_accounts_closed")
+    for sql, reply in replies.items():
+        assert not reply.is_error, (sql, reply.text)
+        for secret in ("pin-open-7781", "pin-closed-5531", "code-old-4410"):
+            assert secret.upper() not in reply.text.upper(), (sql, reply.text)
+    rows = {sql: reply.structured["rows"] for sql, reply in replies.items()}
+    assert rows["SELECT id, pin FROM family_accounts ORDER BY id"] == [[1, "[masked]"], [2, "[masked]"]]
+    assert rows["SELECT pin, closed_on FROM family_accounts_closed"] == [["[masked]", "last year"]]
+    assert rows["SELECT upper(code) AS c FROM family_ledger ORDER BY id"] == [["[MASKED]"], ["[MASKED]"]]
+    assert rows["SELECT code FROM family_ledger_old"] == [["[masked]"]]
+    assert rows["TABLE family_ledger_new"] == [[200, "new entry", "code-new-9920"]]  # a sibling: not its rows
+    marks = {c["name"]: c["masked"] for c in described.structured["columns"]}
+    assert marks == {"id": None, "owner": None, "pin": "redact", "closed_on": None}

@@ -110,6 +110,17 @@ class ColumnInfo:
 
 
 @dataclass(frozen=True, slots=True)
+class Relative:
+    """A table whose rows and columns another one shares: an ancestor, whose columns it inherits and
+    whose rule on a column therefore speaks for its own column of that name, or a descendant, whose
+    rows a read of it includes (partitions, inheritance children). `columns` are the ones they share."""
+
+    schema: str
+    name: str
+    columns: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
 class Relation:
     """A table or view as the database names it; `definition` is a view's SELECT text."""
 
@@ -121,6 +132,8 @@ class Relation:
     definition: str | None = None
     system: bool = False
     """A catalog relation (pg_catalog, information_schema, sqlite_master...)."""
+    relatives: tuple[Relative, ...] = ()
+    """Tables sharing rows with this one through inheritance or partitioning (PostgreSQL)."""
 
     @property
     def qualified_name(self) -> str:

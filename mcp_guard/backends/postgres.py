@@ -18,6 +18,7 @@ import re
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import replace
 from decimal import Decimal
 from typing import Any, cast
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -31,6 +32,7 @@ from mcp_guard.backends.base import (
     DbSchema,
     Limits,
     Relation,
+    Relative,
     ResultSet,
     TableInfo,
     WriteResult,
@@ -100,7 +102,7 @@ ORDER BY a.attnum
 """
 
 _SCHEMA = """
-SELECT n.nspname, c.relname, c.relkind IN ('v', 'm'),
+SELECT c.oid, n.nspname, c.relname, c.relkind IN ('v', 'm'),
        array_agg(a.attname::text ORDER BY a.attnum),
        array_agg(pg_catalog.format_type(a.atttypid, a.atttypmod) ORDER BY a.attnum),
        CASE WHEN c.relkind IN ('v', 'm') AND n.nspname NOT IN ('pg_catalog', 'information_schema')
@@ -113,6 +115,7 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
   AND n.nspname NOT LIKE 'pg\\_toast%' AND n.nspname NOT LIKE 'pg\\_temp\\_%'
 GROUP BY n.nspname, c.relname, c.relkind, c.oid
 """
+_INHERITS = "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits"
 _SEARCH_PATH = "SELECT pg_catalog.current_schemas(true)::text[]"
 
 _COUNTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT"})
@@ -132,6 +135,46 @@ _DECODED_AS: dict[str, type] = {
 """What asyncpg decodes these pg_catalog types into: their conversion is chosen once per column."""
 
 _Converters = tuple[Callable[[object], JsonValue] | None, ...]
+
+
+def _with_relatives(
+    relations: dict[int, Relation], inherits: Sequence[tuple[int, int]]
+) -> tuple[Relation, ...]:
+    """The relations, each with its ancestors and descendants (`pg_inherits`, followed transitively:
+    a partition of a partition, a grandchild). An ancestor shares its own columns (every one is
+    inherited), a descendant this table's."""
+    parents: dict[int, list[int]] = {}
+    children: dict[int, list[int]] = {}
+    for child, parent in inherits:
+        parents.setdefault(child, []).append(parent)
+        children.setdefault(parent, []).append(child)
+
+    def reach(oid: int, edges: dict[int, list[int]]) -> list[int]:
+        found: dict[int, None] = {}
+        todo = list(edges.get(oid, ()))
+        while todo:
+            other = todo.pop()
+            if other not in found and other != oid:
+                found[other] = None
+                todo.extend(edges.get(other, ()))
+        return [other for other in found if other in relations]
+
+    def columns(relation: Relation) -> frozenset[str]:
+        return frozenset(name for name, _ in relation.columns)
+
+    def relatives(oid: int, relation: Relation) -> tuple[Relative, ...]:
+        above = [relations[other] for other in reach(oid, parents)]
+        below = [relations[other] for other in reach(oid, children)]
+        return tuple(
+            [Relative(r.schema, r.name, columns(r)) for r in above]
+            + [Relative(r.schema, r.name, columns(relation)) for r in below]
+        )
+
+    related = parents.keys() | children.keys()
+    return tuple(
+        replace(relation, relatives=relatives(oid, relation)) if oid in related else relation
+        for oid, relation in relations.items()
+    )
 
 
 class _GuardedConnection(asyncpg.Connection):  # type: ignore[misc]
@@ -347,9 +390,10 @@ class PostgresBackend(Backend):
         async with self._connection(self._pool, limits) as conn:
             with self._errors(limits.timeout_s):
                 records = await conn.fetch(_SCHEMA, timeout=limits.timeout_s)
+                inherits = await conn.fetch(_INHERITS, timeout=limits.timeout_s)
                 path = await conn.fetchval(_SEARCH_PATH, timeout=limits.timeout_s)
-        relations = tuple(
-            Relation(
+        relations = {
+            oid: Relation(
                 schema,
                 name,
                 "view" if is_view else "table",
@@ -357,9 +401,9 @@ class PostgresBackend(Backend):
                 definition,
                 system,
             )
-            for schema, name, is_view, names, types, definition, system in records
-        )
-        return DbSchema(relations, tuple(path), case_sensitive=True)
+            for oid, schema, name, is_view, names, types, definition, system in records
+        }
+        return DbSchema(_with_relatives(relations, inherits), tuple(path), case_sensitive=True)
 
     @asynccontextmanager
     async def _connection(
