@@ -10,6 +10,18 @@ moved by other work on the machine): end to end (the `mcp` client calling `query
 stdio, as an assistant does) and the guard alone (in process, no transport). Also whether sqlglot
 runs compiled (sqlglotc). The two reads are sampled in turn, so that both see the same load.
 
+Measured on 2026-11-27 (four runs, load under 1; a faster machine than the day before: `sum(range(1000))`
+8 µs, but importing the `mcp` SDK 0.7 s instead of 1.9):
+
+- rewrite + lineage of a new 3-join query: 0.95-1.00 ms p50 (target 2 ms), 5.0x classifying it.
+- end to end: PostgreSQL p50 ratio 1.37-1.39 (unmasked p50 89-90 ms, masked 122-123 ms), SQLite
+  1.39-1.41 (92-95 and 128-133 ms); the fastest reads 1.42-1.45 and 1.39-1.43. Both under 1.5.
+- the guard alone: PostgreSQL 2.33-2.41 (unmasked 31-33 ms, masked 73-80 ms), SQLite 1.94-1.97
+  (42-43 and 81-84 ms). What masking adds per 10,000 rows, measured apart the same day: PostgreSQL's
+  masks in the database ~24 ms (a plain fetch 5.9 ms; the email's mask +2, the phone's +11, of
+  which counting its digits with translate() ~7, the HMAC +13: pgcrypto's hmac() gives the same
+  digest in the same time), the detectors on the notes ~15 ms (5,000 findings).
+
 Measured on 2026-11-26 on a slower machine than the rounds below (a CPU-bound `sum(range(1000))`
 7 µs), load 1-2, after the heap settling of `mcp_guard/heap.py` and the cheaper generator check of
 `rewrite._check_regenerated`:
