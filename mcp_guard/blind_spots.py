@@ -38,7 +38,7 @@ PURE_FUNCTIONS = frozenset(
     jsonb_object_agg j_s_o_n_array_agg j_s_o_n_b_object_agg j_s_o_n_object_agg json_group_array
     json_group_object
     row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value
-    coalesce nullif ifnull if iif nvl cast try_cast exists
+    coalesce nullif ifnull if iif nvl cast try_cast exists collate row
     now current_date current_time current_timestamp localtime localtimestamp clock_timestamp
     statement_timestamp transaction_timestamp date time datetime julianday strftime time_to_str
     unixepoch unix_to_time date_trunc timestamp_trunc date_part extract age make_date make_time

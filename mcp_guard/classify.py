@@ -540,8 +540,8 @@ def _names_cte(table: exp.Table, dialect: str) -> bool:
     A CTE is visible in its query's body and in the CTEs after it (itself too under RECURSIVE). A
     name this cannot prove to be a CTE counts as a table, so no table is ever missed.
     """
-    if table.args.get("db") or table.args.get("catalog"):
-        return False
+    if table.args.get("db") or table.args.get("catalog") or not isinstance(table.this, exp.Identifier):
+        return False  # a qualified name, a table function, ROWS FROM (...)
     name = _identifier(table.this, dialect)
     child: exp.Expr = table
     node = table.parent
