@@ -188,6 +188,15 @@ _SLOT = f"mcp_guard_masked_{secrets.token_hex(8)}_"
 process, so no caller's SQL can spell it."""
 
 
+_OF_THE_TABLE = ("this", "db", "catalog", "only", "sample")
+"""What a table reference says of the table itself (`ONLY t`, `t TABLESAMPLE ...`): it moves into the
+derived table, which reads the table."""
+_AFTER_THE_TABLE = ("joins", "laterals")
+"""What follows the table in its table expression (`(t JOIN u ON ...)` hangs the join on `t`): it stays
+on the placeholder, outside the derived table, where it sees only masked columns."""
+_PLACED = frozenset({*_OF_THE_TABLE, *_AFTER_THE_TABLE, "alias"})
+
+
 def _rewrite(statement: Statement, plan: MaskPlan, param_count: int) -> Rewritten | None:
     """Each masked table reference becomes a placeholder in a copy of the tree; the SQL generated
     from it gets each placeholder replaced by its derived table's text (generated once per relation,
@@ -207,15 +216,20 @@ def _rewrite(statement: Statement, plan: MaskPlan, param_count: int) -> Rewritte
             raise PolicyDenied(f"table {table.sql(dialect)} is not known to masking", rule=MASKING_RULE)
         if not plan.masks(relation):
             continue
+        unplaced = [name for name, value in table.args.items() if value and name not in _PLACED]
+        if unplaced:
+            raise PolicyDenied(
+                f"{table.sql(dialect)[:80]}: masking cannot place its {', '.join(unplaced)}; refused",
+                rule=MASKING_RULE,
+            )
         select, binds = plan.derived(relation, key)
         uses_key = uses_key or binds
-        alias = table.args.get("alias")
-        table.set("alias", None)
-        if alias is None:
-            alias = exp.TableAlias(this=table.this.copy())
+        alias = table.args.get("alias") or exp.TableAlias(this=table.this.copy())
+        source = exp.Table(**{name: table.args[name] for name in _OF_THE_TABLE if table.args.get(name)})
         slot = f"{_SLOT}{len(derived_tables):04d}"
-        derived_tables[slot] = f"({select} FROM {table.sql(dialect)})"
-        table.replace(exp.Table(this=exp.to_identifier(slot), alias=alias))
+        derived_tables[slot] = f"({select} FROM {source.sql(dialect)})"
+        after = {name: table.args[name] for name in _AFTER_THE_TABLE if table.args.get(name)}
+        table.replace(exp.Table(this=exp.to_identifier(slot), alias=alias, **after))
         replaced.append(relation.qualified_name)
     if not replaced:
         return None
@@ -251,7 +265,7 @@ def _check_regenerated(
         len(after) != 1
         or after[0].kind is not StatementKind.READ
         or not after[0].flags <= original.flags
-        or any(read is None or not read.flags <= original.flags for read in reads)
+        or any(read is None or len(read.tables) != 1 or not read.flags <= original.flags for read in reads)
         or not slots <= set(after[0].tables)
         or (set(after[0].tables) - slots) | read_tables != set(original.tables)
     ):

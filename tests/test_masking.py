@@ -169,6 +169,7 @@ def test_a_generator_bug_in_the_statement_is_refused(monkeypatch, bug):
         pytest.param("SELECT email FROM customers FOR UPDATE", id="a risk added"),
         pytest.param("DELETE FROM customers RETURNING email", id="not a read"),
         pytest.param("SELECT email FROM customers) AS x, (SELECT 1", id="not one table expression"),
+        pytest.param("SELECT email FROM customers JOIN orders ON true", id="a table of the statement moved in"),
     ],
 )
 def test_a_generator_bug_in_a_derived_table_is_refused(monkeypatch, derived):
@@ -177,7 +178,9 @@ def test_a_generator_bug_in_a_derived_table_is_refused(monkeypatch, derived):
     from mcp_guard.errors import PolicyDenied
 
     plan = MaskPlan(Masking(DEMO_MASKING, b"k" * 32), DEMO_MASKING.rules, shop_catalog())
-    statement = classify("SELECT c.email FROM customers c", "postgres").statements[0]
+    statement = classify(
+        "SELECT c.email, o.total FROM customers c JOIN orders o ON o.customer_id = c.id", "postgres"
+    ).statements[0]
     real = rewriting._check_regenerated
     broken = lambda o, sql, tables, p: real(o, sql, {slot: f"({derived})" for slot in tables}, p)  # noqa: E731
     monkeypatch.setattr(rewriting, "_check_regenerated", broken)
@@ -261,6 +264,28 @@ async def test_a_guess_in_where_compares_against_masked_values(tmp_path, sqlite_
     async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
         reply = await client.call("query", sql="SELECT count(*) FROM customers WHERE ssn = ?", params=[ssn])
     assert reply.structured["rows"] == [[0]]
+
+
+async def test_a_parenthesized_join_stays_outside_the_masked_table(tmp_path, sqlite_shop):
+    """sqlglot hangs `(c JOIN v ON ...)`'s join on the table `c`: it must stay outside c's derived
+    table, where its ON clause compares against masked values (it once moved inside, next to the
+    clear ones: an oracle, `customers.ssn = ?` counting 1 for a right guess)."""
+    customer = shop_rows()["customers"][0]
+    db = sqlite3.connect(sqlite_shop)
+    db.executescript(
+        f"CREATE TABLE visits (owner INTEGER, day TEXT); INSERT INTO visits VALUES ({customer[0]}, 'mon');"
+    )
+    db.close()
+    guess = (
+        "SELECT count(*) AS n FROM (customers JOIN visits v ON v.owner = customers.id AND customers.ssn = ?)"
+    )
+    async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
+        counted = await client.call("query", sql=guess, params=[customer[4]])
+        shown = await client.call(
+            "query", sql="SELECT c.email, v.day FROM (customers c JOIN visits v ON v.owner = c.id)"
+        )
+    assert counted.structured["rows"] == [[0]], counted.text
+    assert shown.structured["rows"] == [["***@" + customer[2].split("@")[1], "mon"]], shown.text
 
 
 async def test_results_and_describe_table_say_which_columns_are_masked(tmp_path, sqlite_shop):
