@@ -204,6 +204,9 @@ def _rewrite(statement: Statement, plan: MaskPlan, param_count: int) -> Rewritte
     dialect = plan.catalog.dialect
     assert statement.tree is not None
     work = statement.tree.copy()
+    if dialect == "postgres":  # sqlglot reads to_hex() as Hex, then writes HEX(), which PostgreSQL lacks
+        for node in list(work.find_all(exp.Hex)):
+            node.replace(exp.Anonymous(this="to_hex", expressions=[node.this]))
     key = (param_count + 1, param_count + 2)
     replaced: list[str] = []
     uses_key = False
