@@ -169,7 +169,7 @@ def test_a_generator_bug_in_the_statement_is_refused(monkeypatch, bug):
         pytest.param("SELECT email FROM customers FOR UPDATE", id="a risk added"),
         pytest.param("DELETE FROM customers RETURNING email", id="not a read"),
         pytest.param("SELECT email FROM customers) AS x, (SELECT 1", id="not one table expression"),
-        pytest.param("SELECT email FROM customers JOIN orders ON true", id="a table of the statement moved in"),
+        pytest.param("SELECT email FROM customers JOIN orders ON true", id="a table of the statement inside"),
     ],
 )
 def test_a_generator_bug_in_a_derived_table_is_refused(monkeypatch, derived):
