@@ -523,7 +523,7 @@ async def test_sqlite_timeout_interrupts_a_runaway_query_and_the_connection_stil
         ("PRAGMA query_only = 0", "PRAGMA query_only"),
         ("BEGIN", "transaction control"),
         ("SELECT load_extension('/tmp/nothing')", "load_extension()"),
-        ("SELECT * FROM pragma_table_info('items')", "schema"),
+        ("SELECT * FROM pragma_table_info('items')", "PRAGMA table_info"),
     ],
 )
 async def test_sqlite_read_connection_refuses_anything_but_reading(

@@ -104,3 +104,16 @@ async def test_concurrent_calls_are_served_together(tmp_path, pg_shop_url):
             *(client.call("query", sql=f"SELECT {i} AS n, count(*) FROM orders") for i in range(12))
         )
     assert [r.structured["rows"][0][0] for r in replies] == list(range(12))
+
+
+async def test_every_read_of_the_read_corpus_answers(tmp_path, pg_shop_url):
+    """tests/fixtures/sql/reads_postgres.sql holds reads the `query` tool must let through: each runs."""
+    from tests.corpus import load
+
+    async with guard_client(pg_config(tmp_path), tmp_path, SHOP_PG_URL=pg_shop_url) as client:
+        failed = [
+            f"{case.id}: {reply.text[:200]}"
+            for case in load("reads_postgres")
+            if (reply := await client.call("query", sql=case.sql)).is_error
+        ]
+    assert not failed, "\n".join(failed)

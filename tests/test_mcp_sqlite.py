@@ -174,3 +174,16 @@ async def test_audit_verify_names_the_first_edited_entry(tmp_path, sqlite_shop):
     verified = audit_cli(tmp_path, "verify")
     assert verified.returncode == 1
     assert "BROKEN" in verified.stdout and "entry 4" in verified.stdout
+
+
+async def test_every_read_of_the_read_corpus_answers(tmp_path, sqlite_shop):
+    """tests/fixtures/sql/reads_sqlite.sql holds reads the `query` tool must let through: each runs."""
+    from tests.corpus import load
+
+    async with guard_client(shop_config(tmp_path, sqlite_shop), tmp_path) as client:
+        failed = [
+            f"{case.id}: {reply.text[:200]}"
+            for case in load("reads_sqlite")
+            if (reply := await client.call("query", sql=case.sql)).is_error
+        ]
+    assert not failed, "\n".join(failed)

@@ -127,6 +127,11 @@ class _Guard:
             return sqlite3.SQLITE_OK
         if action in _TRANSACTION_ACTIONS:
             return sqlite3.SQLITE_OK if self.own_statement else self._deny("transaction control")
+        if action == sqlite3.SQLITE_UPDATE and arg1 in _SCHEMA_TABLES and self.read_only:
+            # A table-valued function's first use (json_each, ...) asks this while declaring its table.
+            # No write follows: a schema change asks its own action too, which is refused, and
+            # `query_only` (and SQLite, for sqlite_master) refuse any write to the file anyway.
+            return sqlite3.SQLITE_OK
         if (self.read_only and action not in _READ_ACTIONS) or action in _NEVER_ON_WRITE:
             if arg1 in _SCHEMA_TABLES:  # SQLite checks the catalogue write before the CREATE itself
                 return self._deny(f"changing the schema ({arg1})")
