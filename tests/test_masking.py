@@ -288,6 +288,14 @@ async def test_a_parenthesized_join_stays_outside_the_masked_table(tmp_path, sql
     assert shown.structured["rows"] == [["***@" + customer[2].split("@")[1], "mon"]], shown.text
 
 
+async def test_sqlite_rowid_of_a_masked_table_is_refused_not_answered_with_nulls(tmp_path, sqlite_shop):
+    async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
+        masked = await client.call("query", sql="SELECT name FROM customers c WHERE c.rowid = 1")
+        plain = await client.call("query", sql="SELECT rowid, status FROM orders WHERE rowid = 1")
+    assert masked.is_error and "has no rowid" in masked.text and "primary key" in masked.text
+    assert plain.structured["rows"][0][0] == 1, plain.text
+
+
 async def test_results_and_describe_table_say_which_columns_are_masked(tmp_path, sqlite_shop):
     async with guard_client(_config(tmp_path, sqlite_shop), tmp_path, TEST_MASK_KEY=KEY) as client:
         reply = await client.call("query", sql="SELECT id, upper(email) AS e, ssn, notes FROM customers")
