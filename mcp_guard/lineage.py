@@ -81,6 +81,9 @@ def statement_lineage(statement: Statement, catalog: Catalog) -> list[ColumnLine
 def lineage(tree: exp.Expression, catalog: Catalog) -> list[ColumnLineage] | None:
     """Lineage of each output column of a read, in order; None when the statement cannot be analysed
     at all (the caller then treats every output as masked)."""
+    if isinstance(tree, exp.Values) and tree.find(exp.Table) is None:  # literals only: nothing flows in
+        width = len(tree.expressions[0].expressions) if tree.expressions else 0
+        return [ColumnLineage(f"column{i}", frozenset(), False, None) for i in range(1, width + 1)]
     work = tree.copy()
     for table in list(work.find_all(exp.Table)):
         relation = catalog.resolve(table) if not refers_to_cte(table, catalog.dialect) else None

@@ -88,6 +88,14 @@ def test_what_lineage_cannot_resolve_counts_as_masked():
     assert plan.output_mask(unknown) is not None
 
 
+def test_values_of_literals_carry_nothing_but_values_reading_a_table_count_as_masked():
+    assert [(o.name, o.sources, o.unresolved) for o in outputs("VALUES (1, 'a'), (2, 'b')")] == [
+        ("column1", frozenset(), False),
+        ("column2", frozenset(), False),
+    ]
+    assert outputs("VALUES ((SELECT ssn FROM customers LIMIT 1))") is None
+
+
 def test_a_rename_keeps_the_direct_source():
     (renamed,) = outputs("SELECT e AS x FROM (SELECT email AS e FROM customers) s")
     assert str(renamed.direct) == "public.customers.email"
