@@ -71,7 +71,6 @@ METADATA_RULE = "builtin:metadata"
 UNAUTHENTICATED = "unauthenticated"
 REQUESTER_RULE = "builtin:approval-requester"
 MAX_REQUEST_ID = 64
-MAX_SQL_CHARS = 1_000_000
 MAX_PARAMS = 1_000
 MAX_RECORDED_ARGUMENTS = 2_000_000
 DURABLE_TOOLS = frozenset({"execute", "approval_status"})
@@ -539,8 +538,12 @@ class Guard:
     def _classify(self, call: _Call, name: str, sql: object, params: object) -> Classification:
         if not isinstance(sql, str) or not sql.strip():
             raise UsageError("sql must be a non-empty string of SQL")
-        if len(sql) > MAX_SQL_CHARS:
-            raise UsageError(f"sql is {len(sql)} characters; the limit is {MAX_SQL_CHARS}")
+        limit = self.config.settings.connections[name].sql_limit
+        if len(sql) > limit:
+            raise UsageError(
+                f"sql is {len(sql):,} characters; connection {name!r} takes at most {limit:,} "
+                "(its sql_limit): send the work in smaller statements"
+            )
         if not isinstance(params, list) or len(params) > MAX_PARAMS:
             raise UsageError(f"params must be a list of at most {MAX_PARAMS} values")
         for index, value in enumerate(params):

@@ -187,3 +187,18 @@ async def test_every_read_of_the_read_corpus_answers(tmp_path, sqlite_shop):
             if (reply := await client.call("query", sql=case.sql)).is_error
         ]
     assert not failed, "\n".join(failed)
+
+
+async def test_sql_over_the_connections_limit_is_refused_and_the_server_serves_on(tmp_path, sqlite_shop):
+    long_read = "SELECT count(*) AS n FROM customers /*" + "x" * 300_000 + "*/"
+    async with guard_client(shop_config(tmp_path, sqlite_shop), tmp_path) as client:
+        refused = await client.call("query", sql=long_read)
+        after = await client.call("query", sql="SELECT count(*) AS n FROM customers")
+    assert refused.is_error
+    assert f"sql is {len(long_read):,} characters; connection 'shop' takes at most 256,000" in refused.text
+    assert after.structured["rows"] == [[60]]
+    raised = shop_config(tmp_path, sqlite_shop).read_text() + "sql_limit = 400000\n"
+    (tmp_path / "raised.toml").write_text(raised)
+    async with guard_client(tmp_path / "raised.toml", tmp_path) as client:
+        answered = await client.call("query", sql=long_read)
+    assert answered.structured["rows"] == [[60]], answered.text[:300]
