@@ -150,7 +150,7 @@ class Masking:
                     typed = kind or (rule.types[0] if len(rule.types) == 1 else None)
                     masks[column] = ColumnMask(rule.strategy, rule.name, typed)
                     break
-        return masks
+        return _with_generated(masks, relation.generated)
 
     # the masks as SQL ---------------------------------------------------------------------------
 
@@ -189,6 +189,22 @@ class Masking:
         if mask.strategy == "hash":
             return self.hash_value(value)
         return partial_value(value, mask.semantic_type or "")
+
+
+def _with_generated(
+    masks: dict[str, ColumnMask], generated: tuple[tuple[str, frozenset[str]], ...]
+) -> dict[str, ColumnMask]:
+    """A generated column computed from a masked one is redacted, under that column's rule (so the
+    rule's excepted groups see it clear too); on SQLite one may read another, hence the fixpoint."""
+    changed = True
+    while changed:
+        changed = False
+        for column, sources in generated:
+            source = next((masks[name] for name in sorted(sources) if name in masks), None)
+            if column not in masks and source is not None:
+                masks[column] = ColumnMask("redact", source.rule)
+                changed = True
+    return masks
 
 
 def decode_key(text: str) -> bytes:

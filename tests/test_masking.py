@@ -669,3 +669,60 @@ async def test_inheritance_children_and_partitions_are_masked_like_their_relativ
     assert rows["TABLE family_ledger_new"] == [[200, "new entry", "code-new-9920"]]  # a sibling: not its rows
     marks = {c["name"]: c["masked"] for c in described.structured["columns"]}
     assert marks == {"id": None, "owner": None, "pin": "redact", "closed_on": None}
+
+
+
+PINS = """
+[masking]
+detectors = []
+
+[[masking.rules]]
+name = "pins"
+columns = ["gen_accounts.pin"]
+strategy = "hash"
+except_groups = ["pin-readers"]
+"""
+GENERATED_PG = (
+    "CREATE TABLE gen_accounts (id int, pin text,"
+    " pin_tail text GENERATED ALWAYS AS (right(pin, 4)) STORED,"
+    " plain text GENERATED ALWAYS AS ('n' || id) STORED);"
+    "INSERT INTO gen_accounts (id, pin) VALUES (1, 'pin-secret-4471')"
+)
+GENERATED_SQLITE = (
+    "CREATE TABLE gen_accounts (id INTEGER, pin TEXT, pin_tail TEXT AS (substr(pin, -4)) STORED,"
+    " plain TEXT GENERATED ALWAYS AS ('n' || id) VIRTUAL, shout TEXT AS (upper(pin_tail)));"
+    "INSERT INTO gen_accounts (id, pin) VALUES (1, 'pin-secret-4471');"
+)
+
+
+async def test_a_generated_column_computed_from_a_masked_one_is_masked(tmp_path, sqlite_shop, pg_shop_url):
+    """Generated columns are copies of what they read: `pin_tail` computed from a masked `pin` is
+    redacted under pin's rule (its excepted group sees both clear); `plain` computed from `id` is not.
+    On SQLite, generated columns (which table_info leaves out) are also part of the masked table."""
+    admin = await asyncpg.connect(pg_shop_url)
+    try:
+        await admin.execute(GENERATED_PG)
+    finally:
+        await admin.close()
+    db = sqlite3.connect(sqlite_shop)
+    db.executescript(GENERATED_SQLITE)
+    db.close()
+    for body, env, extra in (
+        (f'[connections.db]\nurl = "sqlite:///{sqlite_shop}"\n', {}, {"shout": "[masked]"}),
+        ('[connections.db]\nurl_env = "DB_URL"\n', {"DB_URL": pg_shop_url}, {}),
+    ):
+        async with guard_client(write_config(tmp_path, body + PINS), tmp_path, **env) as client:
+            everything = await client.call("query", sql="SELECT * FROM gen_accounts")
+            direct = await client.call("query", sql="SELECT lower(pin_tail) AS t FROM gen_accounts")
+            described = await client.call("describe_table", table="gen_accounts")
+        names = [c["name"] for c in everything.structured["columns"]]
+        row = dict(zip(names, everything.structured["rows"][0], strict=True))
+        assert len(row.pop("pin")) == 16  # the keyed hash
+        assert row == {"id": 1, "pin_tail": "[masked]", "plain": "n1", **extra}, body
+        assert direct.structured["rows"] == [["[masked]"]], direct.text
+        marks = {c["name"]: c["masked"] for c in described.structured["columns"]}
+        assert marks["pin_tail"] == "redact" and marks["plain"] is None, marks
+        reader = write_config(tmp_path, f'[identity]\ngroups = ["pin-readers"]\n{body}{PINS}')
+        async with guard_client(reader, tmp_path, **env) as client:
+            clear = await client.call("query", sql="SELECT pin_tail FROM gen_accounts")
+        assert clear.structured["rows"] == [["4471"]], clear.text

@@ -134,6 +134,8 @@ class Relation:
     """A catalog relation (pg_catalog, information_schema, sqlite_master...)."""
     relatives: tuple[Relative, ...] = ()
     """Tables sharing rows with this one through inheritance or partitioning (PostgreSQL)."""
+    generated: tuple[tuple[str, frozenset[str]], ...] = ()
+    """Generated columns and the columns their expressions read: a copy of what those hold."""
 
     @property
     def qualified_name(self) -> str:

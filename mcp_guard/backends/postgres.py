@@ -116,6 +116,16 @@ WHERE c.relkind IN ('r', 'p', 'v', 'm', 'f')
 GROUP BY n.nspname, c.relname, c.relkind, c.oid
 """
 _INHERITS = "SELECT inhrelid, inhparent FROM pg_catalog.pg_inherits"
+_GENERATED = """
+SELECT ad.adrelid, a.attname, array_agg(r.attname::text)
+FROM pg_catalog.pg_attrdef ad
+JOIN pg_catalog.pg_attribute a ON a.attrelid = ad.adrelid AND a.attnum = ad.adnum AND a.attgenerated <> ''
+JOIN pg_catalog.pg_depend d ON d.classid = 'pg_catalog.pg_attrdef'::regclass AND d.objid = ad.oid
+  AND d.refclassid = 'pg_catalog.pg_class'::regclass AND d.refobjid = ad.adrelid AND d.refobjsubid > 0
+JOIN pg_catalog.pg_attribute r ON r.attrelid = ad.adrelid AND r.attnum = d.refobjsubid
+  AND r.attnum <> a.attnum
+GROUP BY ad.adrelid, a.attname
+"""
 _SEARCH_PATH = "SELECT pg_catalog.current_schemas(true)::text[]"
 
 _COUNTED_COMMANDS = frozenset({"INSERT", "UPDATE", "DELETE", "MERGE", "COPY", "SELECT"})
@@ -391,6 +401,7 @@ class PostgresBackend(Backend):
             with self._errors(limits.timeout_s):
                 records = await conn.fetch(_SCHEMA, timeout=limits.timeout_s)
                 inherits = await conn.fetch(_INHERITS, timeout=limits.timeout_s)
+                generated = await conn.fetch(_GENERATED, timeout=limits.timeout_s)
                 path = await conn.fetchval(_SEARCH_PATH, timeout=limits.timeout_s)
         relations = {
             oid: Relation(
@@ -403,6 +414,12 @@ class PostgresBackend(Backend):
             )
             for oid, schema, name, is_view, names, types, definition, system in records
         }
+        computed: dict[int, list[tuple[str, frozenset[str]]]] = {}
+        for oid, column, sources in generated:
+            computed.setdefault(oid, []).append((column, frozenset(sources)))
+        for oid, columns in computed.items():
+            if oid in relations:
+                relations[oid] = replace(relations[oid], generated=tuple(columns))
         return DbSchema(_with_relatives(relations, inherits), tuple(path), case_sensitive=True)
 
     @asynccontextmanager

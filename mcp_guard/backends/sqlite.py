@@ -22,7 +22,9 @@ from pathlib import Path
 from typing import Any
 
 import aiosqlite
+import sqlglot
 from sqlglot import exp
+from sqlglot.errors import SqlglotError
 
 from mcp_guard.backends.base import (
     Backend,
@@ -72,14 +74,19 @@ SELECT name, type FROM sqlite_master
 WHERE type IN ('table', 'view') AND name NOT LIKE 'sqlite\_%' ESCAPE '\'
 ORDER BY name
 """
-_DESCRIBE_TABLE = 'SELECT name, type, "notnull", pk FROM pragma_table_info(?, ?) ORDER BY cid'
+# table_xinfo, not table_info, which leaves out generated columns; hidden = 1 is a virtual table's
+# hidden column, which `SELECT *` leaves out too (2 and 3: generated, virtual or stored).
+_DESCRIBE_TABLE = (
+    'SELECT name, type, "notnull", pk FROM pragma_table_xinfo(?, ?) WHERE hidden <> 1 ORDER BY cid'
+)
 _SCHEMA = """
-SELECT s.name, s.type, s.sql, c.name, c.type
+SELECT s.name, s.type, s.sql, c.name, c.type, c.hidden
 FROM (SELECT name, type, sql FROM sqlite_master WHERE type IN ('table', 'view')
       UNION ALL SELECT 'sqlite_master', 'table', NULL UNION ALL SELECT 'sqlite_schema', 'table', NULL
       UNION ALL SELECT 'sqlite_temp_master', 'table', NULL
       UNION ALL SELECT 'sqlite_temp_schema', 'table', NULL) AS s
-JOIN pragma_table_info(s.name) AS c
+JOIN pragma_table_xinfo(s.name) AS c
+WHERE c.hidden <> 1
 ORDER BY s.name, c.cid
 """
 _SYSTEM_PREFIX = "sqlite_"
@@ -300,9 +307,12 @@ class SqliteBackend(Backend):
     async def schema(self) -> DbSchema:
         with _errors(None, 0.0):
             rows = await self._require_catalogue().execute_fetchall(_SCHEMA)
-        relations: dict[str, tuple[str, str | None, list[tuple[str, str]]]] = {}
-        for name, kind, sql, column, kind_of_column in rows:
-            relations.setdefault(name, (kind, sql, []))[2].append((column, kind_of_column or ""))
+        relations: dict[str, tuple[str, str | None, list[tuple[str, str]], list[str]]] = {}
+        for name, kind, sql, column, kind_of_column, hidden in rows:
+            relation = relations.setdefault(name, (kind, sql, [], []))
+            relation[2].append((column, kind_of_column or ""))
+            if hidden:
+                relation[3].append(column)
         return DbSchema(
             relations=tuple(
                 Relation(
@@ -312,8 +322,9 @@ class SqliteBackend(Backend):
                     tuple(columns),
                     sql if kind == "view" else None,
                     system=name.lower().startswith(_SYSTEM_PREFIX),
+                    generated=_generated_sources(sql, computed, [column for column, _ in columns]),
                 )
-                for name, (kind, sql, columns) in relations.items()
+                for name, (kind, sql, columns, computed) in relations.items()
             ),
             search_path=("main",),
             case_sensitive=False,
@@ -402,6 +413,32 @@ def _result_set(description: Any, rows: list[tuple[Any, ...]], limits: Limits) -
     names = [entry[0] for entry in description or ()]
     columns = tuple(Column(name, _storage_class(rows, index)) for index, name in enumerate(names))
     return ResultSet.capped(columns, converted, limits)
+
+
+def _generated_sources(
+    sql: str | None, generated: list[str], columns: list[str]
+) -> tuple[tuple[str, frozenset[str]], ...]:
+    """Each generated column and the columns its expression reads, from the table's CREATE statement;
+    one that cannot be read counts as reading every other column (fail closed)."""
+    if not generated:
+        return ()
+    expressions: dict[str, exp.Expression] = {}
+    with suppress(SqlglotError, RecursionError):
+        create = sqlglot.parse_one(sql or "", read="sqlite")
+        for definition in create.find_all(exp.ColumnDef):
+            for constraint in definition.args.get("constraints") or ():
+                if isinstance(constraint.kind, exp.ComputedColumnConstraint):
+                    expressions[definition.name.lower()] = constraint.kind
+    found = []
+    for column in generated:
+        expression = expressions.get(column.lower())
+        if expression is None:
+            sources = frozenset(name for name in columns if name != column)
+        else:
+            named = {node.name.lower() for node in expression.find_all(exp.Column)}
+            sources = frozenset(name for name in columns if name.lower() in named)
+        found.append((column, sources))
+    return tuple(found)
 
 
 def _column_infos(rows: list[Any]) -> list[ColumnInfo]:
