@@ -81,8 +81,12 @@ DATA_CATALOGS = frozenset(
 """Catalog relations that hold copies of column values or of other sessions' SQL (with its literals)."""
 
 
-_SQLITE_ROWIDS = frozenset({"rowid", "oid", "_rowid_"})
-"""SQLite's names for a table's row id, which a derived table does not carry."""
+_SYSTEM_COLUMNS = {
+    "sqlite": frozenset({"rowid", "oid", "_rowid_"}),
+    "postgres": frozenset({"tableoid", "ctid", "xmin", "xmax", "cmin", "cmax"}),
+}
+"""Columns a table has beside its own (SQLite's row id, PostgreSQL's system columns), which a derived
+table does not carry."""
 
 
 def blind_spot(
@@ -111,16 +115,18 @@ def blind_spot(
         if isinstance(node.expression, exp.Func) and node.this.name.lower() != "pg_catalog":
             where = node.sql(catalog.dialect)[:80]
             return f"{where}: schema-qualified functions are not allowed while masking applies"
-    rowids = {column.name.lower() for column in tree.find_all(exp.Column)} & _SQLITE_ROWIDS
-    if rowids and catalog.dialect == "sqlite":
+    system = {column.name.lower() for column in tree.find_all(exp.Column)}
+    system &= _SYSTEM_COLUMNS.get(catalog.dialect, frozenset())
+    if system:
         for table in tree.find_all(exp.Table):
             name = catalog.name_of(table)
             relation = catalog.find(name) if name is not None else None
             if relation is not None and masks_of(relation):
-                if not rowids <= {column.lower() for column, _ in relation.columns}:
+                if not system <= {column.lower() for column, _ in relation.columns}:
                     return (
-                        f"{relation.qualified_name} is masked and read through a derived table, which has no "
-                        f"{'/'.join(sorted(rowids))} (SQLite would give NULL); use its primary key"
+                        f"{relation.qualified_name} is masked and read through a derived table, which has "
+                        f"no {'/'.join(sorted(system))}: only its own columns pass (for a row id, use its "
+                        "primary key)"
                     )
     for node in tree.find_all(exp.Parameter, exp.Placeholder):
         number = node.this.name if isinstance(node.this, exp.Literal) else node.name
