@@ -19,6 +19,7 @@ from sqlglot import exp
 from mcp_guard.backends.base import Relation
 from mcp_guard.catalog import Catalog, TableName
 from mcp_guard.classify import DYNAMIC_SQL_FUNCTIONS, Statement, refers_to_cte
+from mcp_guard.kinds import RiskFlag
 from mcp_guard.masking import FUNCTION_PREFIX
 
 PURE_FUNCTIONS = frozenset(
@@ -81,6 +82,11 @@ DATA_CATALOGS = frozenset(
 """Catalog relations that hold copies of column values or of other sessions' SQL (with its literals)."""
 
 
+_OUT_OF_SIGHT = frozenset(
+    {RiskFlag.PROCEDURAL, RiskFlag.DYNAMIC_SQL, RiskFlag.OPAQUE_COMMAND, RiskFlag.UNPARSEABLE}
+)
+"""Flags of statements whose reads no rewrite sees: a DO block, a procedure, SQL in a string."""
+
 _SYSTEM_COLUMNS = {
     "sqlite": frozenset({"rowid", "oid", "_rowid_"}),
     "postgres": frozenset({"tableoid", "ctid", "xmin", "xmax", "cmin", "cmax"}),
@@ -108,6 +114,12 @@ def blind_spot(
                 "a function may read masked data by itself (the operator can allow it in "
                 "masking.allowed_functions)"
             )
+    unseen = statement.flags & _OUT_OF_SIGHT
+    if unseen:
+        return (
+            f"{statement.operation} runs code or text mcp-guard cannot read "
+            f"({', '.join(sorted(unseen))}), so masking cannot vouch for what it reads"
+        )
     tree = statement.tree
     if tree is None:
         return _opaque(statement, catalog, masks_of)

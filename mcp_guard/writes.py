@@ -43,6 +43,9 @@ def masked_read_in_write(statement: Statement, plan: MaskPlan) -> str | None:
         )
     if not masked_names:
         return None
+    copied = _copied_out(tree, plan)
+    if copied is not None:
+        return copied
     targets = _assignment_targets(tree)
     for node in tree.walk():
         if isinstance(node, exp.Column) and id(node) not in targets:
@@ -58,6 +61,23 @@ def masked_read_in_write(statement: Statement, plan: MaskPlan) -> str | None:
         ):
             return "it reads whole rows (*) of a relation with masked columns"
     return None
+
+
+def _copied_out(tree: exp.Expression, plan: MaskPlan) -> str | None:
+    """`COPY t [(columns)] TO ...` sends the table's values, as stored, out of the database (a file, a
+    program, the client): refused when one of them is masked. (`COPY (SELECT ...) TO` is a query,
+    checked column by column like any other.)"""
+    if not isinstance(tree, exp.Copy) or tree.args.get("kind"):
+        return None
+    listed = tree.this if isinstance(tree.this, exp.Schema) else None
+    table = listed.this if listed is not None else tree.this
+    relation = plan.catalog.resolve(table) if isinstance(table, exp.Table) else None
+    masks = plan.masks(relation) if relation is not None else {}
+    names = {column.name.lower() for column in listed.expressions} if listed is not None else None
+    copied = [column for column in masks if names is None or column.lower() in names]
+    if relation is None or not copied:
+        return None
+    return f"COPY ... TO sends {relation.qualified_name}.{copied[0]} as stored, and it is masked"
 
 
 def _assignment_targets(tree: exp.Expression) -> set[int]:

@@ -671,7 +671,6 @@ async def test_inheritance_children_and_partitions_are_masked_like_their_relativ
     assert marks == {"id": None, "owner": None, "pin": "redact", "closed_on": None}
 
 
-
 PINS = """
 [masking]
 detectors = []
@@ -726,3 +725,33 @@ async def test_a_generated_column_computed_from_a_masked_one_is_masked(tmp_path,
         async with guard_client(reader, tmp_path, **env) as client:
             clear = await client.call("query", sql="SELECT pin_tail FROM gen_accounts")
         assert clear.structured["rows"] == [["4471"]], clear.text
+
+
+ANYTHING_GOES = """
+[[policy.rules]]
+name = "anything"
+action = "allow"
+kinds = ["read", "write", "ddl", "admin", "session", "unknown"]
+"""
+
+
+async def test_code_and_copies_out_of_sight_of_the_rewrite_are_refused_while_masking(tmp_path, pg_shop_url):
+    """Even where the policy allows anything: a DO block's queries are text no rewrite reads (its
+    error would print a secret the detectors do not know), and COPY t TO sends stored values."""
+    body = f'[connections.pg]\nurl_env = "DB_URL"\n{MASKING}{ANYTHING_GOES}'
+    secret = "SELECT secret FROM api_keys ORDER BY id LIMIT 1"
+    async with guard_client(
+        write_config(tmp_path, body), tmp_path, DB_URL=pg_shop_url, TEST_MASK_KEY=KEY
+    ) as client:
+        block = await client.call(
+            "execute", sql=f"DO $$ BEGIN RAISE EXCEPTION '%', ({secret}); END $$", reason="probe"
+        )
+        called = await client.call("execute", sql="CALL no_such_procedure()", reason="probe")
+        copied = await client.call("execute", sql="COPY api_keys TO STDOUT", reason="probe")
+        listed = await client.call("execute", sql="COPY customers (id, ssn) TO STDOUT", reason="probe")
+        plain = await client.call("execute", sql="COPY customers (id, name) TO STDOUT", reason="probe")
+    assert block.is_error and "DO runs code or text mcp-guard cannot read (procedural)" in block.text
+    assert called.is_error and called.text.startswith("Denied: masking"), called.text
+    assert copied.is_error and "api_keys.secret as stored" in copied.text, copied.text
+    assert listed.is_error and "customers.ssn as stored" in listed.text, listed.text
+    assert not plain.is_error, plain.text
