@@ -174,6 +174,11 @@ def _opaque(
         schema, _, name = table.rpartition(".")
         relation = catalog.find(TableName(schema or None, name))
         if relation is None or masks_of(relation) or relation.name.lower() in DATA_CATALOGS:
+            if statement.operation != "EXPLAIN":
+                return (
+                    f"{statement.operation} over {table}: mcp-guard reads this statement by its keywords "
+                    "only, so masking cannot rewrite the query inside"
+                )
             return (
                 f"{statement.operation} over {table}: its plan estimates come from the statistics of "
                 "masked columns"

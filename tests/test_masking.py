@@ -747,11 +747,13 @@ async def test_code_and_copies_out_of_sight_of_the_rewrite_are_refused_while_mas
             "execute", sql=f"DO $$ BEGIN RAISE EXCEPTION '%', ({secret}); END $$", reason="probe"
         )
         called = await client.call("execute", sql="CALL no_such_procedure()", reason="probe")
+        prepared = await client.call("execute", sql="PREPARE p AS SELECT ssn FROM customers", reason="probe")
         copied = await client.call("execute", sql="COPY api_keys TO STDOUT", reason="probe")
         listed = await client.call("execute", sql="COPY customers (id, ssn) TO STDOUT", reason="probe")
         plain = await client.call("execute", sql="COPY customers (id, name) TO STDOUT", reason="probe")
     assert block.is_error and "DO runs code or text mcp-guard cannot read (procedural)" in block.text
     assert called.is_error and called.text.startswith("Denied: masking"), called.text
+    assert prepared.is_error and "by its keywords only, so masking cannot rewrite" in prepared.text
     assert copied.is_error and "api_keys.secret as stored" in copied.text, copied.text
     assert listed.is_error and "customers.ssn as stored" in listed.text, listed.text
     assert not plain.is_error, plain.text
