@@ -398,11 +398,13 @@ class PostgresBackend(Backend):
     async def schema(self) -> DbSchema:
         limits = Limits(timeout_s=30.0)
         async with self._connection(self._pool, limits) as conn:
+            # One snapshot: a partition attached between two reads must not come out without its parent.
             with self._errors(limits.timeout_s):
-                records = await conn.fetch(_SCHEMA, timeout=limits.timeout_s)
-                inherits = await conn.fetch(_INHERITS, timeout=limits.timeout_s)
-                generated = await conn.fetch(_GENERATED, timeout=limits.timeout_s)
-                path = await conn.fetchval(_SEARCH_PATH, timeout=limits.timeout_s)
+                async with conn.transaction(isolation="repeatable_read", readonly=True):
+                    records = await conn.fetch(_SCHEMA, timeout=limits.timeout_s)
+                    inherits = await conn.fetch(_INHERITS, timeout=limits.timeout_s)
+                    generated = await conn.fetch(_GENERATED, timeout=limits.timeout_s)
+                    path = await conn.fetchval(_SEARCH_PATH, timeout=limits.timeout_s)
         relations = {
             oid: Relation(
                 schema,
