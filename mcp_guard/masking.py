@@ -245,7 +245,9 @@ _IPV4_START = re.compile(r"\d+\.\d+\.\d+\.\d+")
 
 
 def _partial_email(text: str) -> str:
-    return "***@" + text.split("@")[1] if "@" in text else MARKER
+    """The domain after the last `@`: a value holding several addresses (an array, JSON, a list)
+    shows the last one's domain, never a local part that follows an earlier `@`."""
+    return "***@" + text.rsplit("@", 1)[1] if "@" in text else MARKER
 
 
 def _partial_card(text: str) -> str:
@@ -324,7 +326,7 @@ def _partial_function(kind: str) -> str:
 # digits; the key halves are {ki}, {ko}.
 _PG_PARTIAL = {
     "email": "CASE WHEN {c} IS NULL THEN NULL WHEN strpos({t}, '@') > 0 "
-    "THEN '***@' || split_part({t}, '@', 2) ELSE '{m}' END",
+    "THEN '***@' || split_part({t}, '@', -1) ELSE '{m}' END",
     "card": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 12 THEN '**** ' || {d4} ELSE '{m}' END",
     "phone": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 7 THEN '***' || {d2} ELSE '{m}' END",
     "ssn": "CASE WHEN {c} IS NULL THEN NULL WHEN {n} >= 8 THEN '***-**-' || {d4} ELSE '{m}' END",

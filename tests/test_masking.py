@@ -205,6 +205,7 @@ def test_semantic_types_come_from_column_names():
 
 def test_partial_masks_keep_only_the_safe_part():
     assert partial_value("ada@example.com", "email") == "***@example.com"
+    assert partial_value('{"to": "ada@example.com", "cc": "bob@corp.test"}', "email") == '***@corp.test"}'
     assert partial_value("4111 1111 1111 1234", "card") == "**** 1234"
     assert partial_value("123-45-6789", "ssn") == "***-**-6789"
     assert partial_value("short", "") == "[masked]"
@@ -564,7 +565,8 @@ def test_the_fast_detectors_replace_exactly_what_the_alternation_does(enabled):
 async def test_postgres_partial_masks_are_the_python_ones(pg_shop_url):
     masking = Masking(DEMO_MASKING, b"k" * 32)
     values = [
-        *("ada@example.com", "a@b@c", "no at sign", "4111 1111 1111 1234", "+1 (202) 555-0143", "12345"),
+        *("ada@example.com", "a@b@c", "{ada@x.example,bob@y.example}", "no at sign", "12345"),
+        *("4111 1111 1111 1234", "+1 (202) 555-0143"),
         *("123-45-6789", "１２３４５６７８９０１２", "tel 12 34 56 7", "GB82 WEST 1234 5698 7654 32"),
         *("192.168.1.20", "sk_live_abcdefghijkl", "short", "", "é" * 9, "a1b2c3d4e5f6g7h8", "99 99 999"),
         *("9999 9999 9999", "9999-9999", "999 999", "9999-999"),  # at each threshold
