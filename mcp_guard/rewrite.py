@@ -20,6 +20,7 @@ from sqlglot import exp
 from sqlglot.errors import SqlglotError
 
 from mcp_guard.backends.base import Relation
+from mcp_guard.blind_spots import blind_spot
 from mcp_guard.catalog import Catalog
 from mcp_guard.classify import Statement, StatementKind, classify, refers_to_cte
 from mcp_guard.config import MaskRule
@@ -128,10 +129,16 @@ class MaskPlan:
         return found
 
     def _view_masks(self, relation: Relation) -> dict[str, ColumnMask]:
+        """A view's outputs masked by the lineage of its definition; all of them when the definition
+        reads what no lineage sees (a function that may query masked tables itself, a statistics
+        catalog): what masking refuses in a statement, it cannot vouch for inside a view either."""
         tree = _view_tree(relation, self.catalog.dialect)
         outputs = lineage(tree, self.catalog) if tree is not None else None
         if outputs is None or len(outputs) != len(relation.columns):
             return _everything(relation, "its definition cannot be analysed")
+        unseen = self._unseen_in(relation)
+        if unseen is not None:
+            return _everything(relation, unseen)
         masks = {}
         for (column, _), output in zip(relation.columns, outputs, strict=True):
             mask = self.output_mask(output)
@@ -139,6 +146,16 @@ class MaskPlan:
                 kind = mask.semantic_type if output.direct is not None else None
                 masks[column] = ColumnMask(mask.strategy, mask.rule, kind)
         return masks
+
+
+    def _unseen_in(self, relation: Relation) -> str | None:
+        assert relation.definition is not None
+        allowed = frozenset(name.lower() for name in self.masking.settings.allowed_functions)
+        for statement in classify(relation.definition, self.catalog.dialect).statements:
+            why = blind_spot(statement, self.catalog, self.masks, allowed, 0)
+            if why is not None:
+                return f"its definition: {why}"
+        return None
 
 
 def _everything(relation: Relation, why: str) -> dict[str, ColumnMask]:

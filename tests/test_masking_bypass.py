@@ -51,6 +51,16 @@ VIEW = (
     " SELECT c.id, c.name, c.email AS contact, upper(c.ssn) AS ident FROM customers c"
 )
 
+OUT_OF_SIGHT_VIEWS = """
+CREATE OR REPLACE FUNCTION masking_ident(i int) RETURNS text LANGUAGE sql
+    AS $$SELECT replace(ssn, '-', '') FROM customers WHERE id = i$$;
+CREATE OR REPLACE VIEW masking_fn_view AS SELECT id, masking_ident(id) AS ident FROM customers;
+CREATE OR REPLACE VIEW masking_stats_view AS
+    SELECT attname, reverse(histogram_bounds::text) AS bounds FROM pg_stats WHERE tablename = 'customers';
+"""
+"""Views whose definitions read what no lineage sees: a function querying a masked table itself, the
+statistics catalog. Their values are written so the detectors would not catch them."""
+
 _EMBEDDED = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[a-z]{2,}|\+1-202-555-[0-9]{4}|\b[0-9]{13,19}\b")
 
 
@@ -102,6 +112,7 @@ async def test_no_masked_value_reaches_the_model_on_postgres(tmp_path, pg_shop_u
     try:
         await admin.execute(f"DROP VIEW IF EXISTS masking_contacts; {VIEW}")
         await admin.execute("ANALYZE customers")  # pg_stats now holds real values
+        await admin.execute(OUT_OF_SIGHT_VIEWS)
     finally:
         await admin.close()
     config = write_config(tmp_path, f'[connections.pg]\nurl_env = "SHOP_PG_URL"\n{MASKING}')
