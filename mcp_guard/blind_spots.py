@@ -127,6 +127,10 @@ def blind_spot(
         if isinstance(node.expression, exp.Func) and node.this.name.lower() != "pg_catalog":
             where = node.sql(catalog.dialect)[:80]
             return f"{where}: schema-qualified functions are not allowed while masking applies"
+    for node in tree.find_all(exp.Operator):  # OPERATOR(schema.op): a function by another name
+        if not str(node.args.get("operator", "")).lower().startswith("pg_catalog."):
+            where = node.sql(catalog.dialect)[:80]
+            return f"{where}: operators named outside pg_catalog are not allowed while masking applies"
     system = {column.name.lower() for column in tree.find_all(exp.Column)}
     system &= _SYSTEM_COLUMNS.get(catalog.dialect, frozenset())
     if system:
