@@ -147,7 +147,6 @@ class MaskPlan:
                 masks[column] = ColumnMask(mask.strategy, mask.rule, kind)
         return masks
 
-
     def _unseen_in(self, relation: Relation) -> str | None:
         assert relation.definition is not None
         allowed = frozenset(name.lower() for name in self.masking.settings.allowed_functions)
