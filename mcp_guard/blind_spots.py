@@ -40,6 +40,11 @@ PURE_FUNCTIONS = frozenset(
     json_group_object
     row_number rank dense_rank percent_rank cume_dist ntile lag lead first_value last_value nth_value
     coalesce nullif ifnull if iif nvl cast try_cast exists collate row
+    overlay starts_with convert_from to_ascii bit_length regexp_count regexp_substr regexp_instr
+    cbrt gcd lcm factorial array_upper array_lower array_ndims array_dims
+    int4range int8range numrange tsrange tstzrange daterange isempty lower_inc upper_inc lower_inf
+    upper_inf json_extract_path json_extract_path_text jsonb_extract_path jsonb_extract_path_text
+    jsonb_path_query jsonb_path_query_array jsonb_path_query_first jsonb_path_exists jsonb_path_match
     now current_date current_time current_timestamp localtime localtimestamp clock_timestamp
     statement_timestamp transaction_timestamp date time datetime julianday strftime time_to_str
     unixepoch unix_to_time date_trunc timestamp_trunc date_part extract age make_date make_time
