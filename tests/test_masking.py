@@ -759,3 +759,14 @@ async def test_code_and_copies_out_of_sight_of_the_rewrite_are_refused_while_mas
     assert copied.is_error and "api_keys.secret as stored" in copied.text, copied.text
     assert listed.is_error and "customers.ssn as stored" in listed.text, listed.text
     assert not plain.is_error, plain.text
+
+
+def test_a_sqlite_generated_column_whose_expression_cannot_be_read_counts_as_reading_every_column():
+    from mcp_guard.backends.sqlite import _generated_sources
+
+    columns = ["id", "pin", "g", "h"]
+    create = "CREATE TABLE t (id, pin, g AS (upper(pin)), h AS (id + 1))"
+    read = _generated_sources(create, ["g", "h"], columns)
+    assert read == (("g", frozenset({"pin"})), ("h", frozenset({"id"})))
+    unreadable = _generated_sources("CREATE TABLE t (id, pin, g AS (((", ["g"], columns)
+    assert unreadable == (("g", frozenset({"id", "pin", "h"})),)
