@@ -117,3 +117,12 @@ async def test_every_read_of_the_read_corpus_answers(tmp_path, pg_shop_url):
             if (reply := await client.call("query", sql=case.sql)).is_error
         ]
     assert not failed, "\n".join(failed)
+
+
+async def test_a_parameter_the_driver_cannot_encode_is_refused_with_a_reason(tmp_path, pg_shop_url):
+    async with guard_client(pg_config(tmp_path), tmp_path, SHOP_PG_URL=pg_shop_url) as client:
+        narrow = await client.call("query", sql="SELECT id FROM orders WHERE id = $1", params=[2**40])
+        wide = await client.call("query", sql="SELECT $1::numeric AS n", params=[2**70])
+    assert narrow.is_error and "invalid input for query argument $1" in narrow.text
+    assert "out of int32 range" in narrow.text and "Internal error" not in narrow.text
+    assert wide.structured["rows"] == [[str(2**70)]], wide.text  # numeric: exact, as a string

@@ -202,3 +202,11 @@ async def test_sql_over_the_connections_limit_is_refused_and_the_server_serves_o
     async with guard_client(tmp_path / "raised.toml", tmp_path) as client:
         answered = await client.call("query", sql=long_read)
     assert answered.structured["rows"] == [[60]], answered.text[:300]
+
+
+async def test_an_integer_parameter_beyond_64_bits_is_refused_with_a_reason(tmp_path, sqlite_shop):
+    async with guard_client(shop_config(tmp_path, sqlite_shop), tmp_path) as client:
+        huge = await client.call("query", sql="SELECT id FROM orders WHERE id = ?", params=[2**70])
+        as_text = await client.call("query", sql="SELECT CAST(? AS TEXT) AS n", params=[str(2**70)])
+    assert huge.is_error and "integer beyond 64 bits" in huge.text and "Internal error" not in huge.text
+    assert as_text.structured["rows"] == [[str(2**70)]]

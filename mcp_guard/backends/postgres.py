@@ -465,12 +465,15 @@ class PostgresBackend(Backend):
     def _translate(self, error: BaseException, timeout_s: float, where: str) -> BackendError:
         """The one mapping from asyncpg, OS and timeout errors to ours: short, actionable, redacted."""
         prefix = f"{where}: " if where else ""
+        # asyncpg raises some PostgresErrors itself, without a server message (a parameter it cannot
+        # encode: "invalid input for query argument $1: ... (value out of int64 range)").
+        message = (error.message or str(error)) if isinstance(error, asyncpg.PostgresError) else ""
         if isinstance(error, TimeoutError) or (
-            isinstance(error, asyncpg.QueryCanceledError) and "statement timeout" in error.message
+            isinstance(error, asyncpg.QueryCanceledError) and "statement timeout" in message
         ):
             return StatementTimeout(f"{prefix}statement timed out after {timeout_s} s")
         if isinstance(error, asyncpg.PostgresError):  # DETAIL dropped: it can quote row values
-            text = error.message + (f" (hint: {error.hint})" if error.hint else "")
+            text = message + (f" (hint: {error.hint})" if error.hint else "")
         elif isinstance(error, OSError) and error.strerror:
             text = error.strerror
         else:

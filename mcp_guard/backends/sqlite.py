@@ -387,6 +387,11 @@ def _errors(guard: _Guard | None, timeout_s: float, where: str = "") -> Iterator
             scope = "read-only connection" if guard.read_only else "connection"
             raise BackendError(f"{prefix}not allowed on this {scope}: {guard.denied}") from error
         raise BackendError(f"{prefix}{error}") from error
+    except OverflowError as error:  # sqlite3 binds a Python int only up to 64 bits
+        prefix = f"{where}: " if where else ""
+        raise BackendError(
+            f"{prefix}a parameter is an integer beyond 64 bits, which SQLite cannot hold; send it as a string"
+        ) from error
 
 
 def _counting_query(statement: Statement) -> str | None:
