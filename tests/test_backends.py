@@ -437,8 +437,12 @@ async def test_postgres_params_are_bound_and_json_strings_become_typed(pg: Postg
         Limits(),
     )
     assert result.rows == [[42, "2024-05-01", "2024-05-01T10:00:00+00:00", "12.50", "\\x00ff", "PT1H", "5"]]
-    with pytest.raises(UsageError, match=r"parameter \$1 is not a valid date: 'soon'"):
+    with pytest.raises(UsageError, match=r"parameter \$1 is not a valid date: 'soon'; give an ISO 8601 date"):
         await pg.read(["SELECT $1::date"], ["soon"], Limits())
+    with pytest.raises(UsageError, match=r"interval: '1 day'; give .* \(or write \$1::text::interval\)"):
+        await pg.read(["SELECT $1::interval"], ["1 day"], Limits())
+    [spelled] = await pg.read(["SELECT $1::text::interval"], ["1 day"], Limits())
+    assert spelled.rows == [["P1D"]]
     with pytest.raises(UsageError, match="takes 1 parameter"):
         await pg.read(["SELECT $1::int"], [], Limits())
     with pytest.raises(UsageError, match="exactly one statement"):

@@ -670,6 +670,18 @@ _PARAM_CONVERTERS: dict[str, Callable[[JsonScalar], object]] = {
 }
 
 
+_PARAM_FORMS = {
+    **dict.fromkeys(("int2", "int4", "int8", "oid"), "a whole number"),
+    **dict.fromkeys(("float4", "float8", "numeric"), "a number"),
+    "bool": "true or false",
+    "date": "an ISO 8601 date such as '2026-11-27'",
+    **dict.fromkeys(("timestamp", "timestamptz"), "an ISO 8601 time such as '2026-11-27T09:30:00+00:00'"),
+    **dict.fromkeys(("time", "timetz"), "an ISO 8601 time of day such as '09:30:00'"),
+    "interval": "seconds as a number or an ISO 8601 duration such as 'P1DT2H' (or write $N::text::interval)",
+}
+"""What each converted type takes, for the refusal of a value it cannot take."""
+
+
 def _coerce_params(types: Sequence[Any], params: Sequence[JsonScalar]) -> list[object]:
     if len(types) != len(params):
         raise UsageError(f"the statement takes {len(types)} parameter(s), {len(params)} given")
@@ -682,5 +694,8 @@ def _coerce_params(types: Sequence[Any], params: Sequence[JsonScalar]) -> list[o
         try:
             coerced.append(convert(value))
         except (ValueError, TypeError, ArithmeticError) as error:
-            raise UsageError(f"parameter ${position} is not a valid {pg_type.name}: {value!r}") from error
+            form = _PARAM_FORMS.get(pg_type.name)
+            takes = f"; give {form.replace('$N', f'${position}')}" if form else ""
+            refusal = f"parameter ${position} is not a valid {pg_type.name}: {value!r}{takes}"
+            raise UsageError(refusal) from error
     return coerced
