@@ -24,6 +24,7 @@ from rich.table import Table
 
 from mcp_guard.config import (
     Config,
+    command_line_count,
     command_line_url,
     config_path_from_env,
     demo_config,
@@ -564,7 +565,9 @@ def build_parser() -> argparse.ArgumentParser:
     pending = commands.add_parser("pending", help="list requests held for approval")
     at_gateway(with_store_url(pending))
     pending.add_argument("--all", action="store_true", help="recent requests in any state")
-    pending.add_argument("--limit", type=int, default=100, help="at most this many, newest first")
+    pending.add_argument(
+        "--limit", type=command_line_count, default=100, help="at most this many, newest first"
+    )
     pending.add_argument("--json", action="store_true", help="print JSON")
     pending.set_defaults(handler=cmd_pending)
     approve = as_reviewer(commands.add_parser("approve", help="approve a held request (asks a passphrase)"))

@@ -215,6 +215,22 @@ def command_line_url(text: str) -> str:
     return text
 
 
+MAX_COMMAND_LINE_COUNT = 1_000_000_000
+
+
+def command_line_count(text: str) -> int:
+    """A `--limit` given on the command line: a whole number a store can take."""
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if not 0 <= count <= MAX_COMMAND_LINE_COUNT:
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is not a whole number from 0 to {MAX_COMMAND_LINE_COUNT:,}"
+        )
+    return count
+
+
 def is_loopback(host: str | None) -> bool:
     return host in ("127.0.0.1", "localhost", "::1")
 

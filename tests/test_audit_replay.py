@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from mcp_guard.cli import main as cli_main
 from mcp_guard.demo.data import create_demo_database
 from mcp_guard.store.base import AuditRecord
 from tests.auditing import Received, audit_cli, audit_json, record, shop_config
@@ -245,3 +246,20 @@ def test_the_structured_response_is_kept_whole_up_to_the_cap_and_omitted_beyond(
         kept.append([("structured" in c["response"], c["response"].get("structured_omitted")) for c in calls])
         assert calls[0]["response"].get("structured", received.structured) == received.structured
     assert kept == [[(True, None), (False, True)], [(False, True), (False, True)]]
+
+
+def test_audit_commands_refuse_bad_filters_naming_them(recorded, capsys):
+    for args, said in [
+        (("audit", "list", "--limit", "1" * 20), "is not a whole number from 0 to 1,000,000,000"),
+        (("audit", "sessions", "--limit", "-1"), "'-1' is not a whole number"),
+        (("audit", "list", "--kind", "bogus"), "invalid choice: 'bogus'"),
+        (("audit", "export", "--decision", "maybe"), "invalid choice: 'maybe'"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exited:
+            cli_main(list(args))
+        assert exited.value.code == 2 and said in capsys.readouterr().err, args
+    code, _, err = audit_cli(capsys, "audit", "why", " ")
+    assert code == 2 and "TABLE must name a table" in err
+    newest = audit_json(capsys, "audit", "list", "--limit", "1")
+    assert [c["call_id"] for c in newest] == [recorded[-1].call_id]

@@ -25,11 +25,13 @@ from mcp_guard.audit.render import safe
 from mcp_guard.config import (
     AuditSettings,
     audit_locations,
+    command_line_count,
     command_line_url,
     config_path_from_env,
     read_settings,
 )
 from mcp_guard.errors import AuditError, UsageError
+from mcp_guard.kinds import StatementKind
 from mcp_guard.store.base import CallFilter, Store
 
 EXIT_OK, EXIT_FAILED = 0, 1
@@ -350,6 +352,8 @@ def cmd_why(args: argparse.Namespace) -> int:
     from mcp_guard.audit.render import call_view, prompt_panel
     from mcp_guard.audit.replay import call_data
 
+    if not args.table_name.strip():
+        raise UsageError("TABLE must name a table, such as orders or public.orders")
     audit = setup(args)
 
     async def collect() -> list[dict[str, Any]]:
@@ -604,17 +608,15 @@ def _with_filters(parser: argparse.ArgumentParser, *, limit: bool = True) -> arg
     group.add_argument("--tool", help="query, execute, list_tables, ...")
     group.add_argument("--connection", help="connection name")
     group.add_argument("--table", help="a table the SQL references (orders also matches public.orders)")
-    group.add_argument(
-        "--kind", help="statement kind: read, write, ddl, dcl, admin, session, transaction, unknown"
-    )
+    group.add_argument("--kind", choices=[str(kind) for kind in StatementKind], help="statement kind")
     group.add_argument("--writes", action="store_true", help="only calls whose SQL is not only reads")
-    group.add_argument("--decision", help="allow or deny")
+    group.add_argument("--decision", choices=["allow", "deny", "approve"], help="the policy's decision")
     group.add_argument("--approver", help="who approved (or decided) a held call")
     group.add_argument("--text", help="a piece of the SQL (case-insensitive)")
     group.add_argument("--since", help="ISO time, e.g. 2026-11-26 or 2026-11-26T10:00Z (UTC unless given)")
     group.add_argument("--until", help="ISO time (exclusive)")
     if limit:
-        group.add_argument("--limit", type=int, help="only the newest N calls")
+        group.add_argument("--limit", type=command_line_count, help="only the newest N calls")
     return parser
 
 
@@ -627,7 +629,7 @@ def register(commands: Any) -> None:
     listing.set_defaults(handler=cmd_list)
 
     sessions = _with_store(actions.add_parser("sessions", help="list the newest sessions"))
-    sessions.add_argument("--limit", type=int, default=20, help="how many (default 20)")
+    sessions.add_argument("--limit", type=command_line_count, default=20, help="how many (default 20)")
     sessions.set_defaults(handler=cmd_sessions)
 
     show = _with_store(actions.add_parser("show", help="everything about one call"))
