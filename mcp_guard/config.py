@@ -688,20 +688,29 @@ def load_config(path: Path) -> Config:
     return build_config(read_settings(path), str(path))
 
 
+MAX_CONFIG_BYTES = 1_000_000
+"""A configuration is a few kilobytes; a larger file is a mistake or an attack, not settings."""
+
+
 def read_settings(path: Path) -> Settings:
     """Read and validate one configuration file, without resolving connection URLs (audit commands
     need no database credential)."""
     source = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as file:
+            raw = file.read(MAX_CONFIG_BYTES + 1)
     except OSError as error:
         raise ConfigError(f"cannot read the configuration: {error.strerror}", file=source) from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"the configuration is larger than {MAX_CONFIG_BYTES:,} bytes", file=source)
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
     except UnicodeDecodeError:
         raise ConfigError("the configuration is not UTF-8 text", file=source) from None
-    try:
-        data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as error:
         raise ConfigError(f"not valid TOML: {error}", file=source) from None
+    except RecursionError:
+        raise ConfigError("not valid TOML: its arrays or tables are nested too deeply", file=source) from None
     return parse_settings(data, source)
 
 

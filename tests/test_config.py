@@ -112,6 +112,23 @@ def test_broken_toml_is_refused_with_its_position(tmp_path):
         load_config(path)
 
 
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("a = " + "[" * 5000 + "]" * 5000, "not valid TOML: its arrays or tables are nested too deeply"),
+        (
+            f'[connections.shop]\nurl = "sqlite:///x.db"\ndescription = "{"x" * 1_000_000}"\n',
+            "the configuration is larger than 1,000,000 bytes",
+        ),
+    ],
+    ids=["nested-too-deep", "too-large"],
+)
+def test_a_hostile_file_is_refused_not_crashed_on(tmp_path, text, message):
+    path = write(tmp_path, text)
+    with pytest.raises(ConfigError, match=re.escape(f"{path}: {message}")):
+        load_config(path)
+
+
 def test_a_missing_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="cannot read the configuration"):
         load_config(tmp_path / "absent.toml")
