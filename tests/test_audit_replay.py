@@ -263,3 +263,12 @@ def test_audit_commands_refuse_bad_filters_naming_them(recorded, capsys):
     assert code == 2 and "TABLE must name a table" in err
     newest = audit_json(capsys, "audit", "list", "--limit", "1")
     assert [c["call_id"] for c in newest] == [recorded[-1].call_id]
+
+
+def test_audit_commands_on_a_store_that_is_not_there_say_so_and_create_nothing(tmp_path, capsys):
+    """A mistyped --store must not become a new, empty, verified log."""
+    absent = tmp_path / "typo" / "audit.db"
+    for command in (("audit", "list"), ("audit", "verify"), ("replay", "latest"), ("audit", "why", "orders")):
+        code, _, err = audit_cli(capsys, *command, "--store", f"sqlite:///{absent}")
+        assert code == 1 and f"audit store {absent}: there is no such file" in err, (command, err)
+    assert not absent.parent.exists()

@@ -86,10 +86,15 @@ def setup(args: argparse.Namespace) -> AuditSetup:
 
 
 @asynccontextmanager
-async def opened(audit: AuditSetup) -> AsyncIterator[Store]:
+async def opened(audit: AuditSetup, *, create: bool = False) -> AsyncIterator[Store]:
+    """The store, opened; one that is not there yet is an error unless `create` (the hook records
+    prompts before the server's first call)."""
     from mcp_guard.store import open_store
 
     store = open_store(audit.store_url)
+    missing = None if create else store.missing()
+    if missing is not None:
+        raise AuditError(missing)
     await store.open()
     try:
         yield store
@@ -576,7 +581,7 @@ def cmd_hook(args: argparse.Namespace) -> int:
         if event is not None:
 
             async def record() -> None:
-                async with opened(audit) as store:
+                async with opened(audit, create=True) as store:
                     await store.append(event)
 
             run(record)

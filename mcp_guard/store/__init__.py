@@ -27,7 +27,8 @@ def open_store(url: str, *, durability: Durability = "writes") -> Store:
         return SqliteStore(Path(url).expanduser().absolute(), durability=durability)
     scheme = match["scheme"].lower()
     if scheme == "sqlite":
-        path = Path(match["rest"])
+        rest = match["rest"]  # sqlite:////var/x.db says /var/x.db as well as sqlite:///var/x.db does
+        path = Path("/" + rest.lstrip("/")) if rest.startswith("/") else Path(rest)
         if not path.is_absolute():
             raise ConfigError(
                 f"audit store sqlite://{match['rest']}: the path must be absolute (sqlite:///var/lib/audit.db)"

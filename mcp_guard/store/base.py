@@ -281,6 +281,11 @@ class Store(ABC):
     async def open(self) -> None:
         """Create or open the store; AuditError when it cannot be used."""
 
+    def missing(self) -> str | None:
+        """Why there is no store to read here yet (a file that does not exist), or None: the audit
+        commands must not create an empty store where a mistyped path points, and then report it."""
+        return None
+
     @abstractmethod
     async def migrate(self) -> tuple[int, int]:
         """Create or upgrade the schema without opening the store; (version found, version now).

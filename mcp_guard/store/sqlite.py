@@ -300,6 +300,14 @@ class SqliteStore(Store):
         self._closing = False
         self._writer = asyncio.create_task(self._write_loop())
 
+    def missing(self) -> str | None:
+        if self.path.exists():
+            return None
+        return (
+            f"audit store {self.path}: there is no such file; check --store or the configuration's [audit] "
+            "url (the server creates the file when it records its first call)"
+        )
+
     async def migrate(self) -> tuple[int, int]:
         """Opening creates or upgrades the file (its owner runs the gateway); this only reports it."""
         found = 0
