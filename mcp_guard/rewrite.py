@@ -15,9 +15,7 @@ import secrets
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-import sqlglot
 from sqlglot import exp
-from sqlglot.errors import SqlglotError
 
 from mcp_guard.backends.base import Relation
 from mcp_guard.blind_spots import blind_spot
@@ -132,13 +130,17 @@ class MaskPlan:
         """A view's outputs masked by the lineage of its definition; all of them when the definition
         reads what no lineage sees (a function that may query masked tables itself, a statistics
         catalog): what masking refuses in a statement, it cannot vouch for inside a view either."""
-        tree = _view_tree(relation, self.catalog.dialect)
-        outputs = lineage(tree, self.catalog) if tree is not None else None
+        parsed = classify(relation.definition or "", self.catalog.dialect).statements
+        tree = parsed[0].tree if len(parsed) == 1 else None
+        if isinstance(tree, exp.Create):  # SQLite keeps the CREATE VIEW statement
+            tree = tree.expression
+        outputs = lineage(tree, self.catalog) if isinstance(tree, exp.Query) else None
         if outputs is None or len(outputs) != len(relation.columns):
             return _everything(relation, "its definition cannot be analysed")
-        unseen = self._unseen_in(relation)
+        allowed = frozenset(name.lower() for name in self.masking.settings.allowed_functions)
+        unseen = blind_spot(parsed[0], self.catalog, self.masks, allowed, 0)
         if unseen is not None:
-            return _everything(relation, unseen)
+            return _everything(relation, f"its definition: {unseen}")
         masks = {}
         for (column, _), output in zip(relation.columns, outputs, strict=True):
             mask = self.output_mask(output)
@@ -147,30 +149,9 @@ class MaskPlan:
                 masks[column] = ColumnMask(mask.strategy, mask.rule, kind)
         return masks
 
-    def _unseen_in(self, relation: Relation) -> str | None:
-        assert relation.definition is not None
-        allowed = frozenset(name.lower() for name in self.masking.settings.allowed_functions)
-        for statement in classify(relation.definition, self.catalog.dialect).statements:
-            why = blind_spot(statement, self.catalog, self.masks, allowed, 0)
-            if why is not None:
-                return f"its definition: {why}"
-        return None
-
 
 def _everything(relation: Relation, why: str) -> dict[str, ColumnMask]:
     return {column: ColumnMask("redact", f"{VIEW_RULE} ({why})") for column, _ in relation.columns}
-
-
-def _view_tree(relation: Relation, dialect: str) -> exp.Expression | None:
-    if not relation.definition:
-        return None
-    try:
-        tree = sqlglot.parse_one(relation.definition.strip().rstrip(";"), read=dialect)
-    except (SqlglotError, RecursionError):
-        return None
-    if isinstance(tree, exp.Create):
-        tree = tree.expression
-    return tree if isinstance(tree, exp.Query) else None
 
 
 @dataclass(frozen=True, slots=True)
