@@ -136,23 +136,12 @@ def blind_spot(
         if not str(node.args.get("operator", "")).lower().startswith("pg_catalog."):
             where = node.sql(catalog.dialect)[:80]
             return f"{where}: operators named outside pg_catalog are not allowed while masking applies"
-    system = {column.name.lower() for column in tree.find_all(exp.Column)}
-    system &= _SYSTEM_COLUMNS.get(catalog.dialect, frozenset())
-    if system:
-        for table in tree.find_all(exp.Table):
-            name = catalog.name_of(table)
-            relation = catalog.find(name) if name is not None else None
-            if relation is not None and masks_of(relation):
-                if not system <= {column.lower() for column, _ in relation.columns}:
-                    return (
-                        f"{relation.qualified_name} is masked and read through a derived table, which has "
-                        f"no {'/'.join(sorted(system))}: only its own columns pass (for a row id, use its "
-                        "primary key)"
-                    )
     for node in tree.find_all(exp.Parameter, exp.Placeholder):
         number = node.this.name if isinstance(node.this, exp.Literal) else node.name
         if number.isdigit() and int(number) > param_count:
             return f"${number} names a parameter beyond the {param_count} given"
+    system = {column.name.lower() for column in tree.find_all(exp.Column)}
+    system &= _SYSTEM_COLUMNS.get(catalog.dialect, frozenset())
     for table in tree.find_all(exp.Table):
         name = catalog.name_of(table)
         if name is None:
@@ -170,6 +159,12 @@ def blind_spot(
             )
         if relation.name.lower() in DATA_CATALOGS:
             return f"{relation.qualified_name} holds copies of column values (statistics or query texts)"
+        if system and masks_of(relation) and not system <= {column.lower() for column, _ in relation.columns}:
+            return (
+                f"{relation.qualified_name} is masked and read through a derived table, which has "
+                f"no {'/'.join(sorted(system))}: only its own columns pass (for a row id, use its "
+                "primary key)"
+            )
     return None
 
 
