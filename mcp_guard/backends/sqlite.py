@@ -377,10 +377,10 @@ class SqliteBackend(Backend):
 @contextmanager
 def _errors(guard: _Guard | None, timeout_s: float, where: str = "") -> Iterator[None]:
     """The one mapping from sqlite3 errors to ours: the timeout, what the authorizer refused, or the text."""
+    prefix = f"{where}: " if where else ""
     try:
         yield
     except sqlite3.Error as error:
-        prefix = f"{where}: " if where else ""
         if guard is not None and guard.timed_out:
             raise StatementTimeout(f"{prefix}statement timed out after {timeout_s} s") from error
         if guard is not None and guard.denied:
@@ -388,7 +388,6 @@ def _errors(guard: _Guard | None, timeout_s: float, where: str = "") -> Iterator
             raise BackendError(f"{prefix}not allowed on this {scope}: {guard.denied}") from error
         raise BackendError(f"{prefix}{error}") from error
     except OverflowError as error:  # sqlite3 binds a Python int only up to 64 bits
-        prefix = f"{where}: " if where else ""
         raise BackendError(
             f"{prefix}a parameter is an integer beyond 64 bits, which SQLite cannot hold; send it as a string"
         ) from error
