@@ -24,8 +24,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from mcp_guard.classify import RiskFlag, StatementKind
+
+if TYPE_CHECKING:
+    from tests.client import GuardClient
 
 FIXTURES = Path(__file__).parent / "fixtures" / "sql"
 
@@ -103,3 +107,12 @@ def _parse_expect(text: str, where: str) -> tuple[StatementKind, frozenset[RiskF
     except ValueError as error:
         raise ValueError(f"{where}: {error}") from None
     return kind, flags
+
+
+async def unanswered_reads(client: GuardClient, dialect: str) -> list[str]:
+    """The cases of reads_<dialect>.sql that the `query` tool did not answer, with what it said."""
+    return [
+        f"{case.id}: {reply.text[:200]}"
+        for case in load(f"reads_{dialect}")
+        if (reply := await client.call("query", sql=case.sql)).is_error
+    ]

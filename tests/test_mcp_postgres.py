@@ -10,6 +10,7 @@ import asyncpg
 
 from tests.client import guard_client
 from tests.conftest import write_config
+from tests.corpus import unanswered_reads
 
 
 def pg_config(tmp_path: Path, extra: str = "") -> Path:
@@ -108,14 +109,8 @@ async def test_concurrent_calls_are_served_together(tmp_path, pg_shop_url):
 
 async def test_every_read_of_the_read_corpus_answers(tmp_path, pg_shop_url):
     """tests/fixtures/sql/reads_postgres.sql holds reads the `query` tool must let through: each runs."""
-    from tests.corpus import load
-
     async with guard_client(pg_config(tmp_path), tmp_path, SHOP_PG_URL=pg_shop_url) as client:
-        failed = [
-            f"{case.id}: {reply.text[:200]}"
-            for case in load("reads_postgres")
-            if (reply := await client.call("query", sql=case.sql)).is_error
-        ]
+        failed = await unanswered_reads(client, "postgres")
     assert not failed, "\n".join(failed)
 
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 from tests.client import guard_client
 from tests.conftest import write_config
+from tests.corpus import unanswered_reads
 
 
 def shop_config(tmp_path: Path, shop: Path, extra: str = "") -> Path:
@@ -178,14 +179,8 @@ async def test_audit_verify_names_the_first_edited_entry(tmp_path, sqlite_shop):
 
 async def test_every_read_of_the_read_corpus_answers(tmp_path, sqlite_shop):
     """tests/fixtures/sql/reads_sqlite.sql holds reads the `query` tool must let through: each runs."""
-    from tests.corpus import load
-
     async with guard_client(shop_config(tmp_path, sqlite_shop), tmp_path) as client:
-        failed = [
-            f"{case.id}: {reply.text[:200]}"
-            for case in load("reads_sqlite")
-            if (reply := await client.call("query", sql=case.sql)).is_error
-        ]
+        failed = await unanswered_reads(client, "sqlite")
     assert not failed, "\n".join(failed)
 
 
